@@ -1,0 +1,235 @@
+"""Per-sample teacher cache: the frozen teacher's logits and saliency, kept by dataset ``index``.
+
+A frozen teacher in eval mode gives the same outputs for the same input every epoch, so after the
+first epoch its cost can vanish. The cache is only valid for inputs that do not change between
+epochs: each entry keeps a fingerprint of its input (two float64 sums), and a sample that comes back
+different (random augmentation, a shuffled dataset without stable indices) raises
+:class:`TeacherCacheError` instead of silently distilling stale targets.
+
+Memory: ``N * (K + T + 2) * 4`` bytes (plus ``N`` bytes of flags) on ``device`` (CPU by default) for
+``N`` cached samples, ``K`` classes and series length ``T``; ``N * (K + 2) * 4`` when saliency is not
+cached. Storage grows by doubling up to ``max_bytes``; past it, new samples are served live and a
+warning says so once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+class TeacherCacheError(ValueError):
+    """The cache cannot serve a batch correctly (changed inputs, bad indices, inconsistent shapes)."""
+
+
+def input_fingerprint(x: Tensor) -> Tensor:
+    """Two float64 sums per sample (``sum x`` and ``sum |x|``) that change when a sample's values do."""
+    flat = x.detach().flatten(1).double()
+    return torch.stack([flat.sum(1), flat.abs().sum(1)], dim=1)
+
+
+class TeacherCache:
+    """Teacher logits (and saliency maps) stored per sample index.
+
+    Args:
+        max_bytes: upper bound on the memory the cache may hold (default 2 GiB).
+        device: where entries live; CPU keeps accelerator memory free.
+        check_inputs: compare each hit's input fingerprint with the stored one.
+
+    Example:
+        >>> cache = TeacherCache()
+        >>> x = torch.randn(2, 1, 8)
+        >>> cache.put(torch.tensor([3, 5]), torch.randn(2, 4), torch.rand(2, 8), x)
+        >>> hit, logits, saliency = cache.get(torch.tensor([5, 1]), torch.cat([x[1:], x[:1]]))
+        >>> hit.tolist(), len(cache)
+        ([True, False], 2)
+    """
+
+    def __init__(self, max_bytes: int = 2 * 1024**3, device: str | torch.device = "cpu", check_inputs: bool = True):
+        self.max_bytes = int(max_bytes)
+        self.device = torch.device(device)
+        self.check_inputs = check_inputs
+        self.logits: Tensor | None = None
+        self.saliency: Tensor | None = None
+        self.fingerprint: Tensor | None = None
+        self.filled: Tensor | None = None
+        self._pending: list[Tensor] = []  # indices added since the last sync across processes
+        self._warned_full = False
+
+    def __len__(self) -> int:
+        return 0 if self.filled is None else int(self.filled.sum())
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.filled is None else self.filled.numel()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cache's storage."""
+        tensors = (self.logits, self.saliency, self.fingerprint, self.filled)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def _row_bytes(self, num_classes: int, length: int | None) -> int:
+        return 4 * num_classes + (0 if length is None else 4 * length) + 16 + 1
+
+    def _reserve(self, needed: int, num_classes: int, length: int | None) -> bool:
+        """Grow storage to hold indices ``< needed``; False when that would exceed ``max_bytes``."""
+        if needed <= self.capacity:
+            return True
+        new_capacity = max(needed, 2 * self.capacity, 64)
+        row = self._row_bytes(num_classes, length)
+        if new_capacity * row > self.max_bytes:
+            new_capacity = needed
+            if needed * row > self.max_bytes:
+                if not self._warned_full:
+                    warnings.warn(
+                        f"teacher cache is full ({self.max_bytes} bytes, max_bytes): samples with index >= "
+                        f"{self.capacity} are computed live every step; raise max_bytes to cache them",
+                        stacklevel=3,
+                    )
+                    self._warned_full = True
+                return False
+
+        def grow(old: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+            new = torch.zeros(shape, dtype=dtype, device=self.device)
+            if old is not None:
+                new[: old.shape[0]] = old
+            return new
+
+        self.logits = grow(self.logits, (new_capacity, num_classes), torch.float32)
+        if length is not None:
+            self.saliency = grow(self.saliency, (new_capacity, length), torch.float32)
+        self.fingerprint = grow(self.fingerprint, (new_capacity, 2), torch.float64)
+        self.filled = grow(self.filled, (new_capacity,), torch.bool)
+        return True
+
+    def _check_index(self, index: Tensor) -> Tensor:
+        index = index.detach().to(self.device, torch.long).flatten()
+        if index.numel() and int(index.min()) < 0:
+            raise TeacherCacheError(f"sample indices must be >= 0, got {int(index.min())}")
+        if index.unique().numel() != index.numel():
+            raise TeacherCacheError(
+                "a batch holds the same sample index twice; the teacher cache needs one index per sample "
+                "(wrap the dataset in lightning_tsd.data.IndexedDataset)"
+            )
+        return index
+
+    def get(self, index: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Look a batch up.
+
+        Returns:
+            ``(hit, logits, saliency)``: ``hit`` is a ``(B,)`` bool tensor on ``x``'s device; logits and
+            saliency are the stored rows for the whole batch on ``x``'s device (rows of misses are
+            meaningless), or None when nothing was hit.
+
+        Raises:
+            TeacherCacheError: a hit whose input differs from the one cached (augmented data).
+        """
+        index = self._check_index(index)
+        if self.filled is None:
+            return torch.zeros(index.numel(), dtype=torch.bool, device=x.device), None, None
+        in_range = index < self.capacity
+        safe = index.clamp_max(self.capacity - 1)
+        hit = self.filled[safe] & in_range
+        if not bool(hit.any()):
+            return hit.to(x.device), None, None
+        if self.check_inputs:
+            stored = self.fingerprint[safe[hit]]
+            seen = input_fingerprint(x[hit.to(x.device)]).to(self.device)
+            if not torch.allclose(seen, stored, rtol=1e-5, atol=1e-6):
+                bad = index[hit][~torch.isclose(seen, stored, rtol=1e-5, atol=1e-6).all(1)].tolist()
+                raise TeacherCacheError(
+                    f"sample(s) with index {bad[:5]} changed since the teacher cache stored them. The cache is "
+                    "only valid when a sample is the same every epoch: turn off random augmentation, or set "
+                    "teacher_cache=False"
+                )
+        logits = self.logits[safe].to(x.device)
+        saliency = None if self.saliency is None else self.saliency[safe].to(x.device)
+        return hit.to(x.device), logits, saliency
+
+    def put(self, index: Tensor, logits: Tensor, saliency: Tensor | None, x: Tensor) -> None:
+        """Store the teacher's outputs for a batch of samples."""
+        index = self._check_index(index)
+        if index.numel() == 0:
+            return
+        length = None if saliency is None else saliency.shape[1]
+        if self.logits is not None and logits.shape[1] != self.logits.shape[1]:
+            raise TeacherCacheError(f"cached logits have {self.logits.shape[1]} classes, got {logits.shape[1]}")
+        if self.saliency is not None and length is not None and length != self.saliency.shape[1]:
+            raise TeacherCacheError(
+                f"cached saliency maps have T={self.saliency.shape[1]}, got T={length}: the teacher cache "
+                "needs one series length (pad the series and pass a mask)"
+            )
+        if not self._reserve(int(index.max()) + 1, logits.shape[1], length):
+            keep = index < self.capacity
+            if not bool(keep.any()):
+                return
+            index, logits, x = index[keep], logits[keep.to(logits.device)], x[keep.to(x.device)]
+            saliency = None if saliency is None else saliency[keep.to(saliency.device)]
+        self.logits[index] = logits.detach().float().to(self.device)
+        if saliency is not None:
+            self.saliency[index] = saliency.detach().float().to(self.device)
+        self.fingerprint[index] = input_fingerprint(x).to(self.device)
+        self.filled[index] = True
+        self._pending.append(index)
+
+    def sync(self) -> None:
+        """Share entries added since the last call with every process of the default process group.
+
+        Under DDP each rank sees a different shard every epoch; after a sync every rank can serve every
+        sample any rank has seen. A collective: every rank must call it. No-op without a process group.
+        """
+        pending = torch.cat(self._pending) if self._pending else torch.zeros(0, dtype=torch.long)
+        self._pending = []
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        mine = {"index": pending.cpu()}
+        if pending.numel():
+            mine.update(
+                logits=self.logits[pending].cpu(),
+                saliency=None if self.saliency is None else self.saliency[pending].cpu(),
+                fingerprint=self.fingerprint[pending].cpu(),
+            )
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        for rank, entry in enumerate(gathered):
+            if rank == dist.get_rank() or entry["index"].numel() == 0:
+                continue
+            self._store_rows(entry)
+
+    def _store_rows(self, entry: dict[str, Any]) -> None:
+        index, saliency = entry["index"].to(self.device), entry["saliency"]
+        length = None if saliency is None else saliency.shape[1]
+        if not self._reserve(int(index.max()) + 1, entry["logits"].shape[1], length):
+            keep = index < self.capacity
+            index = index[keep]
+            entry = {k: (v[keep.cpu()] if isinstance(v, Tensor) else v) for k, v in entry.items()}
+            saliency = entry["saliency"]
+        self.logits[index] = entry["logits"].to(self.device)
+        if saliency is not None:
+            self.saliency[index] = saliency.to(self.device)
+        self.fingerprint[index] = entry["fingerprint"].to(self.device)
+        self.filled[index] = True
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors only (checkpoint-safe with ``torch.load(weights_only=True)``)."""
+        if self.filled is None:
+            return {"index": torch.zeros(0, dtype=torch.long)}
+        index = torch.nonzero(self.filled).flatten()
+        return {
+            "index": index.cpu(),
+            "logits": self.logits[index].cpu(),
+            "saliency": None if self.saliency is None else self.saliency[index].cpu(),
+            "fingerprint": self.fingerprint[index].cpu(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replace the cache's contents with ``state`` (from :meth:`state_dict`)."""
+        self.logits = self.saliency = self.fingerprint = self.filled = None
+        self._pending = []
+        if state["index"].numel():
+            self._store_rows(state)

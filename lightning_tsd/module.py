@@ -1,0 +1,410 @@
+"""``TemporalSaliencyDistiller``: a LightningModule that distils a frozen teacher into a student with TSD.
+
+The training step reads top to bottom: unpack and validate the batch, get the teacher's logits and
+saliency (from the cache or one live teacher forward), run the student once (its logits and its
+differentiable saliency come from the same forward), add up the losses, log.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_tsd._batch import Batch, InvalidBatchError, call_model, unpack_batch
+from lightning_tsd.cache import TeacherCache
+from lightning_tsd.checkpoint import build_from_spec, load_teacher, model_spec
+from lightning_tsd.losses import BASE_LOSSES, BaseLoss, TemporalSaliencyLoss, dkd_loss, kd_loss, teacher_outputs
+from lightning_tsd.metrics import TeacherAgreement, TeacherStudentDivergence
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+}
+SCHEDULERS = ("cosine", "onecycle")
+SUPPORTED_STRATEGIES = "single-device, 'ddp', 'ddp_spawn', 'ddp_fork' / 'ddp_notebook'"
+
+
+def infer_num_classes(model: nn.Module) -> int | None:
+    """The number of classes a model predicts: ``model.num_classes`` if set, else the ``out_features``
+    of its last ``nn.Linear`` (None when neither exists)."""
+    num_classes = getattr(model, "num_classes", None)
+    if isinstance(num_classes, int):
+        return num_classes
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None
+
+
+def _resolve_model(model: nn.Module | str | dict, role: str) -> nn.Module:
+    if isinstance(model, nn.Module):
+        return model
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        return load_teacher(model)
+    if isinstance(model, dict) and "class_path" in model:
+        return build_from_spec(model)
+    raise TypeError(
+        f"the {role} must be a torch.nn.Module, a path to a teacher file, or a "
+        f"{{'class_path', 'init_args'}} dict; got {type(model).__name__}"
+    )
+
+
+class TemporalSaliencyDistiller(pl.LightningModule):
+    """Distil a frozen ``teacher`` into a ``student`` with a base KD loss plus Temporal Saliency Distillation.
+
+    ``L = ce_weight * CE(z_S, y) + kd_weight * L_base(z_S, z_T) + w_tsd * L_TSD(s_S, s_T)``, where the
+    saliency maps ``s`` say how much each timestep matters to each model's prediction. ``forward(x)`` is
+    the student.
+
+    Args:
+        teacher: trained teacher (``nn.Module``), a path to a teacher file (loaded with
+            ``weights_only=True``) or a ``{"class_path", "init_args"}`` dict. Frozen and kept in eval
+            mode for the whole fit; never in the optimizer.
+        student: the model to train.
+        base_loss: ``"kd"`` (Hinton), ``"dkd"`` (decoupled KD), ``"none"``, or a callable
+            ``(student_logits, teacher_logits, y) -> loss``.
+        ce_weight: weight of the cross-entropy on labels (0 allows unlabeled batches).
+        kd_weight: weight of the base loss.
+        tsd_weight: weight ``w_tsd`` of the TSD term; 0 is exactly the base method and computes no saliency.
+        temperature: KD temperature ``tau``.
+        saliency: estimator: ``"gradient"``, ``"input_x_gradient"``, ``"integrated_gradients"``, ``"occlusion"``.
+        saliency_options: estimator options: ``steps`` (IG), ``window``/``stride`` (occlusion).
+        saliency_target: ``"teacher"`` (the teacher's predicted class) or ``"label"``.
+        saliency_temperature: ``tau_s`` of the ``"kl"`` alignment.
+        alignment: ``"kl"``, ``"pearson"`` or ``"cosine"``.
+        tsd_warmup: fraction of the fit's optimizer steps over which ``w_tsd`` ramps up linearly from 0.
+        tsd_every_n_steps: compute the TSD term every n-th step only (cheaper; the other steps are plain KD).
+        dkd_alpha: DKD's TCKD weight.
+        dkd_beta: DKD's NCKD weight.
+        student_train_mode: train the student in train mode (default). False keeps it in eval mode
+            (BatchNorm running statistics, no dropout), which makes each sample's saliency independent of
+            the rest of the batch.
+        lr: learning rate.
+        optimizer: ``"adam"``, ``"adamw"``, ``"sgd"``, or a callable ``params -> Optimizer``.
+        weight_decay: optimizer weight decay.
+        scheduler: None, ``"cosine"`` (cosine annealing over the fit) or ``"onecycle"``.
+        teacher_cache: True (or a :class:`TeacherCache`) keeps the teacher's logits and saliency per
+            sample ``index``; batches without an index are served live.
+        num_classes: number of classes, if it cannot be read off the models.
+
+    Example:
+        >>> teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32, 3))
+        >>> student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32, 3))
+        >>> distiller = TemporalSaliencyDistiller(teacher, student, tsd_weight=2.0)
+        >>> distiller(torch.randn(4, 1, 32)).shape
+        torch.Size([4, 3])
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module | str | dict,
+        student: nn.Module | dict,
+        base_loss: str | BaseLoss = "kd",
+        ce_weight: float = 1.0,
+        kd_weight: float = 1.0,
+        tsd_weight: float = 2.0,
+        temperature: float = 4.0,
+        saliency: str = "integrated_gradients",
+        saliency_options: dict[str, Any] | None = None,
+        saliency_target: str = "teacher",
+        saliency_temperature: float = 1.0,
+        alignment: str = "pearson",
+        tsd_warmup: float = 0.0,
+        tsd_every_n_steps: int = 1,
+        dkd_alpha: float = 1.0,
+        dkd_beta: float = 8.0,
+        student_train_mode: bool = True,
+        lr: float = 3e-3,
+        optimizer: str | Callable[..., torch.optim.Optimizer] = "adam",
+        weight_decay: float = 0.0,
+        scheduler: str | None = None,
+        teacher_cache: bool | TeacherCache = False,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        teacher_hparam = teacher if isinstance(teacher, (str, dict)) else None
+        teacher = _resolve_model(teacher, "teacher")
+        student = _resolve_model(student, "student")
+        self._check_options(base_loss, tsd_weight, tsd_warmup, tsd_every_n_steps, optimizer, scheduler)
+        self.save_hyperparameters(ignore=["teacher", "student", "teacher_cache", "base_loss", "optimizer"])
+        # Record how to rebuild the models where that is known, so load_from_checkpoint needs no arguments.
+        self.hparams["teacher"] = teacher_hparam or model_spec(teacher)
+        self.hparams["student"] = model_spec(student)
+        self.hparams["base_loss"] = base_loss if isinstance(base_loss, str) else getattr(base_loss, "__name__", "callable")
+        self.hparams["optimizer"] = optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", "callable")
+        self.hparams["teacher_cache"] = bool(teacher_cache)
+
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.student = student
+        self.num_classes = self._check_class_counts(num_classes)
+        self.base_loss = base_loss
+        self.optimizer = optimizer
+        self.tsd = TemporalSaliencyLoss(
+            saliency, alignment, saliency_temperature, saliency_target, **(saliency_options or {})
+        )
+        self.teacher_cache = (
+            teacher_cache if isinstance(teacher_cache, TeacherCache) else TeacherCache() if teacher_cache else None
+        )
+        self.metrics = nn.ModuleDict({stage: self._stage_metrics() for stage in ("val", "test")})
+
+    # ------------------------------------------------------------------ set-up checks
+    @staticmethod
+    def _check_options(base_loss, tsd_weight, tsd_warmup, tsd_every_n_steps, optimizer, scheduler) -> None:
+        if not (callable(base_loss) or base_loss in BASE_LOSSES):
+            raise ValueError(f"unknown base_loss {base_loss!r}; choose one of {list(BASE_LOSSES)} or pass a callable")
+        if tsd_weight < 0 or not math.isfinite(tsd_weight):
+            raise ValueError(f"tsd_weight must be a finite number >= 0, got {tsd_weight}")
+        if not 0.0 <= tsd_warmup < 1.0:
+            raise ValueError(f"tsd_warmup is a fraction of the fit in [0, 1), got {tsd_warmup}")
+        if tsd_every_n_steps < 1:
+            raise ValueError(f"tsd_every_n_steps must be >= 1, got {tsd_every_n_steps}")
+        if not (callable(optimizer) or optimizer in OPTIMIZERS):
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {list(OPTIMIZERS)} or pass a callable")
+        if scheduler is not None and scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}; choose None or one of {list(SCHEDULERS)}")
+
+    def _check_class_counts(self, num_classes: int | None) -> int | None:
+        teacher_k, student_k = infer_num_classes(self.teacher), infer_num_classes(self.student)
+        if teacher_k is not None and student_k is not None and teacher_k != student_k:
+            raise ValueError(
+                f"teacher and student predict different numbers of classes: teacher {teacher_k}, student {student_k}"
+            )
+        known = teacher_k if teacher_k is not None else student_k
+        if num_classes is not None and known is not None and num_classes != known:
+            raise ValueError(f"num_classes={num_classes} but the models predict {known} classes")
+        return num_classes if num_classes is not None else known
+
+    def _stage_metrics(self) -> MetricCollection:
+        metrics = {"agreement": TeacherAgreement(), "divergence": TeacherStudentDivergence()}
+        if self.num_classes is not None:
+            metrics["acc"] = MulticlassAccuracy(self.num_classes, average="micro")
+            metrics["teacher_acc"] = MulticlassAccuracy(self.num_classes, average="micro")
+        return MetricCollection(metrics, compute_groups=False)
+
+    def setup(self, stage: str) -> None:
+        strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else ""
+        if "FSDP" in strategy or "DeepSpeed" in strategy:
+            raise ValueError(
+                f"{strategy} is not supported: TSD needs a double backward through the student, which "
+                f"sharded strategies do not provide. Use one of: {SUPPORTED_STRATEGIES}"
+            )
+        if self.hparams.tsd_weight > 0 and any(isinstance(m, nn.SyncBatchNorm) for m in self.student.modules()):
+            raise ValueError(
+                "the student has SyncBatchNorm layers, which have no double backward: set "
+                "Trainer(sync_batchnorm=False), or student_train_mode=False"
+            )
+
+    # ------------------------------------------------------------------ modes
+    def train(self, mode: bool = True) -> TemporalSaliencyDistiller:
+        """Lightning toggles train mode on the whole module: keep the teacher in eval mode regardless."""
+        super().train(mode)
+        self.teacher.eval()
+        if not self.hparams.student_train_mode:
+            self.student.eval()
+        return self
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The student's logits."""
+        return call_model(self.student, x, mask)
+
+    # ------------------------------------------------------------------ pieces of a step
+    def _unpack(self, batch: Any, batch_idx: int) -> Batch:
+        try:
+            return unpack_batch(batch, num_classes=self.num_classes)
+        except InvalidBatchError as err:
+            raise InvalidBatchError(
+                f"bad batch {batch_idx} of epoch {self.current_epoch} (global step {self.global_step}): {err}"
+            ) from err
+
+    def _check_logits(self, logits: Tensor, who: str) -> None:
+        if self.num_classes is not None and logits.shape[1] != self.num_classes:
+            raise ValueError(f"the {who} returned {logits.shape[1]} classes but {self.num_classes} were expected")
+
+    def current_tsd_weight(self) -> float:
+        """``w_tsd`` at this step: 0 off the ``tsd_every_n_steps`` grid, ramped during the warm-up."""
+        weight = float(self.hparams.tsd_weight)
+        if weight == 0 or self.global_step % self.hparams.tsd_every_n_steps:
+            return 0.0
+        warmup = self.hparams.tsd_warmup
+        if warmup > 0 and self._trainer is not None:
+            ramp_steps = max(1, int(warmup * self.trainer.estimated_stepping_batches))
+            weight *= min(1.0, self.global_step / ramp_steps)
+        return weight
+
+    def teacher_outputs(
+        self, b: Batch, with_saliency: bool, use_cache: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
+        """The teacher's logits (and saliency) for a batch: cached rows where possible (misses are
+        computed live and cached), everything live without a cache or an ``index``."""
+        cache = self.teacher_cache if use_cache and b.index is not None else None
+        # Cached rows must hold saliency whenever the fit uses TSD at all, even on steps without it.
+        compute_saliency = with_saliency or (cache is not None and self.hparams.tsd_weight > 0)
+        label_target = b.y if self.tsd.saliency_target == "label" else None
+
+        def live(rows: slice | Tensor) -> tuple[Tensor, Tensor | None]:
+            return teacher_outputs(
+                self.teacher,
+                b.x[rows],
+                None if label_target is None else label_target[rows],
+                saliency=self.tsd.saliency if compute_saliency else None,
+                mask=None if b.mask is None else b.mask[rows],
+                **self.tsd.saliency_options,
+            )
+
+        if cache is None:
+            logits, saliency = live(slice(None))
+            return logits, saliency if with_saliency else None
+        hit, logits, saliency = cache.get(b.index, b.x)
+        if compute_saliency and logits is not None and saliency is None:
+            hit, logits = torch.zeros_like(hit), None  # cached before saliency was needed: recompute
+        if not bool(hit.all()):
+            miss = ~hit
+            miss_logits, miss_saliency = live(miss)
+            cache.put(b.index[miss], miss_logits, miss_saliency, b.x[miss])
+            if logits is None:
+                logits, saliency = miss_logits, miss_saliency
+            else:
+                logits = logits.clone()
+                logits[miss] = miss_logits
+                if miss_saliency is not None:
+                    saliency = saliency.clone()
+                    saliency[miss] = miss_saliency
+        return logits, saliency if with_saliency else None
+
+    def base_loss_value(self, student_logits: Tensor, teacher_logits: Tensor, y: Tensor | None) -> Tensor | None:
+        """The base distillation loss (None for ``base_loss="none"``)."""
+        if self.base_loss == "kd":
+            return kd_loss(student_logits, teacher_logits, self.hparams.temperature)
+        if self.base_loss == "dkd":
+            if y is None:
+                raise InvalidBatchError("base_loss='dkd' needs labels y in every batch")
+            return dkd_loss(
+                student_logits, teacher_logits, y, self.hparams.dkd_alpha, self.hparams.dkd_beta, self.hparams.temperature
+            )
+        if self.base_loss == "none":
+            return None
+        return self.base_loss(student_logits, teacher_logits, y)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        b = self._unpack(batch, batch_idx)
+        if b.y is None and self.hparams.ce_weight > 0:
+            raise InvalidBatchError(f"batch {batch_idx} has no labels y but ce_weight > 0; set ce_weight=0")
+        tsd_weight = self.current_tsd_weight()
+        teacher_logits, teacher_saliency = self.teacher_outputs(b, with_saliency=tsd_weight > 0)
+        self._check_logits(teacher_logits, "teacher")
+
+        parts: dict[str, Tensor] = {}
+        if tsd_weight > 0:
+            out = self.tsd(self.teacher, self.student, b.x, b.y, b.mask, (teacher_logits, teacher_saliency))
+            student_logits = out.student_logits
+            parts["tsd"] = out.loss
+        else:
+            student_logits = call_model(self.student, b.x, b.mask)
+        self._check_logits(student_logits, "student")
+        if self.hparams.ce_weight > 0:
+            parts["ce"] = F.cross_entropy(student_logits.float(), b.y)
+        base = self.base_loss_value(student_logits.float(), teacher_logits.float(), b.y)
+        if base is not None:
+            parts["kd"] = base
+
+        weights = {"ce": self.hparams.ce_weight, "kd": self.hparams.kd_weight, "tsd": tsd_weight}
+        loss = sum(weights[name] * value for name, value in parts.items())
+        batch_size = b.x.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        for name, value in parts.items():
+            self.log(f"train/{name}", value.detach(), batch_size=batch_size)
+        self.log("train/tsd_weight", tsd_weight, batch_size=batch_size)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        if self.teacher_cache is not None:
+            self.teacher_cache.sync()
+
+    def _eval_step(self, batch: Any, batch_idx: int, stage: str) -> None:
+        b = self._unpack(batch, batch_idx)
+        student_logits = call_model(self.student, b.x, b.mask)
+        teacher_logits = call_model(self.teacher, b.x, b.mask)
+        metrics = self.metrics[stage]
+        metrics["agreement"].update(student_logits, teacher_logits)
+        metrics["divergence"].update(student_logits, teacher_logits)
+        if b.y is not None and "acc" in metrics:
+            metrics["acc"].update(student_logits, b.y)
+            metrics["teacher_acc"].update(teacher_logits, b.y)
+            self.log(f"{stage}/loss", F.cross_entropy(student_logits.float(), b.y), batch_size=b.x.shape[0], sync_dist=True)
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        values: dict[str, Tensor] = {}
+        for name, metric in self.metrics[stage].items():
+            if not metric.update_called:
+                continue
+            result = metric.compute()
+            if isinstance(result, dict):
+                values.update({f"{stage}/{key}": value for key, value in result.items()})
+            else:
+                values[f"{stage}/{name}"] = result
+            metric.reset()
+        self.log_dict(values, prog_bar=stage == "val")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        b = unpack_batch(batch)
+        return call_model(self.student, b.x, b.mask)
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        if callable(self.optimizer):
+            optimizer = self.optimizer(params)
+        else:
+            optimizer = OPTIMIZERS[self.optimizer](params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if self.hparams.scheduler is None:
+            return optimizer
+        total = int(self.trainer.estimated_stepping_batches)
+        if self.hparams.scheduler == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total))
+        else:
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=self.hparams.lr, total_steps=max(1, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ teacher cache
+    def precompute_teacher_cache(self, dataloader: Any) -> int:
+        """Fill the teacher cache in one pass over ``dataloader`` (batches must carry ``index``).
+
+        Returns the number of cached samples. Call it before ``trainer.fit`` (under DDP every rank runs it
+        over the whole loader, so each holds the whole cache).
+        """
+        if self.teacher_cache is None:
+            raise ValueError("precompute_teacher_cache needs teacher_cache=True")
+        for batch_idx, batch in enumerate(dataloader):
+            b = self._unpack(move_data_to_device(batch, self.device), batch_idx)
+            if b.index is None:
+                raise ValueError("precompute_teacher_cache needs batches with an 'index' (use IndexedDataset)")
+            self.teacher_outputs(b, with_saliency=self.hparams.tsd_weight > 0, use_cache=True)
+        return len(self.teacher_cache)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.teacher_cache is not None:
+            checkpoint["tsd_teacher_cache"] = self.teacher_cache.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.teacher_cache is not None and "tsd_teacher_cache" in checkpoint:
+            self.teacher_cache.load_state_dict(checkpoint["tsd_teacher_cache"])

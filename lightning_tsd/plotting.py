@@ -1,0 +1,138 @@
+"""Figures of a series with its teacher and student saliency maps (plain matplotlib, no pyplot state).
+
+Figures are ``matplotlib.figure.Figure`` objects that no pyplot window manager tracks, so they are safe
+with any backend and are freed by the garbage collector; :func:`figure_to_rgb` renders one with Agg.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor
+
+ArrayLike = Tensor | np.ndarray | Sequence[float]
+
+
+def _numpy(a: ArrayLike) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu().double().numpy()
+    return np.asarray(a, dtype=float)
+
+
+def _stacked(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scale each channel of ``x`` (``(C, T)``) to height 0.8 around its own baseline, top channel first.
+
+    Returns the lines to draw and the baselines (their y ticks).
+    """
+    low = np.nanmin(x, axis=1, keepdims=True)
+    span = np.nanmax(x, axis=1, keepdims=True) - low
+    scaled = np.where(span > 0, (x - low) / np.where(span > 0, span, 1.0), 0.5) - 0.5
+    offsets = np.arange(x.shape[0])[::-1].astype(float)
+    return 0.8 * scaled + offsets[:, None], offsets
+
+
+def plot_saliency(
+    x: ArrayLike,
+    teacher_saliency: ArrayLike,
+    student_saliency: ArrayLike,
+    mask: ArrayLike | None = None,
+    title: str = "",
+    channel_names: Sequence[str] | None = None,
+    figsize: tuple[float, float] = (8.0, 4.0),
+    dpi: int = 100,
+    cmap: str = "magma",
+) -> Figure:
+    """Draw a series above its teacher and student saliency maps, on one time axis.
+
+    A univariate series is drawn as is; a multivariate one has each channel min-max scaled and stacked
+    with an offset (channel 0 on top). Each saliency row is divided by its own maximum over real steps,
+    so the two rows compare where the saliency sits, not its scale. Padded steps (``mask`` False) are
+    left out of the series and shown grey in the heatmaps.
+
+    Args:
+        x: the series, ``(C, T)`` or ``(T,)``.
+        teacher_saliency: ``(T,)``.
+        student_saliency: ``(T,)``.
+        mask: ``(T,)`` bool, True on real steps; None means all real.
+        title: figure title.
+        channel_names: one label per channel (multivariate only); default ``c0, c1, ...``.
+        figsize: size in inches; the PNG is ``figsize * dpi`` pixels.
+        dpi: dots per inch.
+        cmap: colormap of the saliency rows.
+
+    Returns:
+        A ``matplotlib.figure.Figure`` (save it with ``fig.savefig(path)``).
+
+    Example:
+        >>> fig = plot_saliency(torch.randn(3, 50), torch.rand(50), torch.rand(50), title="sample 0")
+        >>> [ax.get_ylabel() for ax in fig.axes[1:3]]
+        ['teacher', 'student']
+    """
+    series = np.atleast_2d(_numpy(x))
+    maps = np.stack([_numpy(teacher_saliency), _numpy(student_saliency)])
+    steps = series.shape[1]
+    if maps.shape != (2, steps):
+        raise ValueError(f"saliency maps must have shape ({steps},) like x's time axis, got {maps.shape[1:]}")
+    real = np.ones(steps, dtype=bool) if mask is None else _numpy(mask).astype(bool)
+    series = np.where(real, series, np.nan)
+    maps = np.where(real, maps, np.nan)
+    peak = np.nanmax(np.abs(maps), axis=1, keepdims=True)
+    maps = maps / np.where(peak > 0, peak, 1.0)
+
+    fig = Figure(figsize=figsize, dpi=dpi, layout="constrained")
+    ax_x, ax_t, ax_s = fig.subplots(3, 1, sharex=True, gridspec_kw={"height_ratios": [4, 1, 1]})
+    time = np.arange(steps)
+    if series.shape[0] == 1:
+        ax_x.plot(time, series[0], color="C0", linewidth=1.2)
+        ax_x.set_ylabel("x")
+    else:
+        lines, offsets = _stacked(series)
+        for c, line in enumerate(lines):
+            ax_x.plot(time, line, color=f"C{c % 10}", linewidth=1.0)
+        names = list(channel_names) if channel_names is not None else [f"c{c}" for c in range(len(lines))]
+        ax_x.set_yticks(offsets, names)
+    colors = matplotlib.colormaps[cmap].with_extremes(bad="0.85")
+    for ax, row, label in ((ax_t, maps[0], "teacher"), (ax_s, maps[1], "student")):
+        image = ax.imshow(
+            np.ma.masked_invalid(row[None, :]),
+            aspect="auto",
+            cmap=colors,
+            vmin=0.0,
+            vmax=1.0,
+            extent=(-0.5, steps - 0.5, 0, 1),
+            interpolation="nearest",
+        )
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center")
+    # one colorbar for all rows keeps the three time axes aligned; it sits beside the heatmaps
+    fig.colorbar(
+        image,
+        ax=[ax_x, ax_t, ax_s],
+        label="saliency / max",
+        fraction=0.03,
+        pad=0.01,
+        shrink=0.4,
+        anchor=(0.0, 0.0),
+    )
+    ax_s.set_xlabel("time step")
+    ax_s.set_xlim(-0.5, steps - 0.5)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def figure_to_rgb(fig: Figure) -> np.ndarray:
+    """Render ``fig`` with Agg and return its pixels as an ``(H, W, 3)`` uint8 array.
+
+    Example:
+        >>> figure_to_rgb(Figure(figsize=(2, 1), dpi=50)).shape
+        (50, 100, 3)
+    """
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
