@@ -11,9 +11,19 @@ Example:
 
 from lightning_tsd._batch import InvalidBatchError
 from lightning_tsd.cache import TeacherCache, TeacherCacheError
+from lightning_tsd.callbacks import SaliencyAlignmentMonitor, SaliencyMapLogger
 from lightning_tsd.checkpoint import CorruptCheckpointError, UnsafeCheckpointError, load_teacher, save_teacher
+from lightning_tsd.classifier import TimeSeriesClassifier
+from lightning_tsd.data import IndexedDataset, TimeSeriesDataset, UCRDataModule
 from lightning_tsd.losses import TemporalSaliencyLoss, TSDOutput, dkd_loss, kd_loss, saliency_alignment_loss
+from lightning_tsd.metrics import SaliencyAlignment, TeacherAgreement, TeacherStudentDivergence
 from lightning_tsd.module import TemporalSaliencyDistiller
+from lightning_tsd.report import (
+    SubstitutionReport,
+    SubstitutionReportCallback,
+    SubstitutionThresholds,
+    substitution_report,
+)
 from lightning_tsd.saliency import ESTIMATORS, temporal_saliency
 
 __version__ = "0.1.0"
@@ -21,7 +31,20 @@ __version__ = "0.1.0"
 __all__ = [
     "ESTIMATORS",
     "CorruptCheckpointError",
+    "IndexedDataset",
     "InvalidBatchError",
+    "SaliencyAlignment",
+    "SaliencyAlignmentMonitor",
+    "SaliencyMapLogger",
+    "SubstitutionReport",
+    "SubstitutionReportCallback",
+    "SubstitutionThresholds",
+    "TeacherAgreement",
+    "TeacherStudentDivergence",
+    "TimeSeriesClassifier",
+    "TimeSeriesDataset",
+    "UCRDataModule",
+    "substitution_report",
     "TSDOutput",
     "TeacherCache",
     "TeacherCacheError",

@@ -139,10 +139,10 @@ def _temporal_attribution(
     def forward(inputs: Tensor, mask: Tensor | None = None) -> Tensor:
         return call_model(model, inputs, mask)
 
-    options = {**_captum_defaults(method, x), **(method_kwargs or {})}
     with torch.inference_mode(False), torch.enable_grad(), _eval_mode(model), _cudnn_off(x.device):
         # Tensors made under inference mode cannot take part in autograd: clone them out of it.
         inputs = x.detach().clone().requires_grad_(method in _GRADIENT_METHODS)
+        options = {**_captum_defaults(method, inputs), **(method_kwargs or {})}
         extra = None if mask is None else (mask.clone(),)
         attribution = explainer(forward).attribute(
             inputs, target=target.clone(), additional_forward_args=extra, **options

@@ -124,12 +124,15 @@ def load_teacher(path: str | os.PathLike, map_location: Any = "cpu") -> nn.Modul
         model = build_from_spec(payload)
         model.load_state_dict(payload["state_dict"])
         return model
-    if isinstance(payload, dict) and "state_dict" in payload and "hyper_parameters" in payload:
-        from lightning_tsd.classifier import TimeSeriesClassifier
+    if isinstance(payload, dict) and "state_dict" in payload and "model_name" in payload.get("hyper_parameters", {}):
+        # A TimeSeriesClassifier checkpoint: rebuild its reference model from the recorded hyperparameters.
+        from lightning_tsd.models import build_model
 
-        classifier = TimeSeriesClassifier(**payload["hyper_parameters"])
-        classifier.load_state_dict(payload["state_dict"])
-        return classifier.model
+        hp = payload["hyper_parameters"]
+        model = build_model(hp["model_name"], hp["in_channels"], hp["num_classes"], **(hp.get("model_kwargs") or {}))
+        prefix = "model."
+        model.load_state_dict({k[len(prefix):]: v for k, v in payload["state_dict"].items() if k.startswith(prefix)})
+        return model
     raise CorruptCheckpointError(
         f"{path} is not a lightning-tsd teacher file (expected format {TEACHER_FORMAT!r} or a "
         "TimeSeriesClassifier checkpoint)"

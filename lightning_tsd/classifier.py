@@ -49,11 +49,15 @@ class TimeSeriesClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
-        self.model = model if model is not None else build_model(
-            model_name, in_channels, num_classes, **(model_kwargs or {})
+        self.model = (
+            model
+            if model is not None
+            else build_model(model_name, in_channels, num_classes, **(model_kwargs or {}))
         )
         self.num_classes = num_classes
-        self.metrics = nn.ModuleDict({stage: MulticlassAccuracy(num_classes) for stage in ("train", "val", "test")})
+        self.train_acc = MulticlassAccuracy(num_classes)
+        self.val_acc = MulticlassAccuracy(num_classes)
+        self.test_acc = MulticlassAccuracy(num_classes)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Logits ``(B, K)`` for ``x`` ``(B, C, T)`` or ``(B, T)``; ``mask`` ``(B, T)`` marks real steps."""
@@ -65,9 +69,11 @@ class TimeSeriesClassifier(L.LightningModule):
             raise InvalidBatchError(f"{stage} batches need labels y")
         logits = call_model(self.model, b.x, b.mask)
         if logits.shape[1] != self.num_classes:
-            raise InvalidBatchError(f"the model returns {logits.shape[1]} logits but num_classes={self.num_classes}")
+            raise InvalidBatchError(
+                f"the model returns {logits.shape[1]} logits but num_classes={self.num_classes}"
+            )
         loss = F.cross_entropy(logits, b.y)
-        accuracy = self.metrics[stage]
+        accuracy = getattr(self, f"{stage}_acc")
         accuracy(logits, b.y)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(b.y))
@@ -89,4 +95,6 @@ class TimeSeriesClassifier(L.LightningModule):
         return call_model(self.model, b.x, b.mask)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return torch.optim.AdamW(
+            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )

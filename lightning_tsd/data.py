@@ -290,19 +290,13 @@ class UCRDataModule(L.LightningDataModule):
         if self.classes_ is not None:
             return
         x_train, y_train, x_test, y_test = self._load_raw()
-        train, test = _series_list(x_train), _series_list(x_test) if x_test is not None else []
-        for split, xs, ys in (
-            ("train", train, y_train),
-            ("test", test, y_test if y_test is not None else []),
-        ):
+        splits = [(x_train, y_train)] + ([(x_test, y_test)] if x_test is not None else [])
+        for xs, ys in splits:
             if len(xs) != len(ys):
-                raise ValueError(f"the {split} split has {len(xs)} series but {len(ys)} labels")
-        y_all = np.concatenate([np.asarray(y) for y in (y_train, y_test) if y is not None])
-        if test and train[0].shape[0] != test[0].shape[0]:
-            raise ValueError(
-                f"train series have {train[0].shape[0]} channels, test series {test[0].shape[0]}"
-            )
-        bad = sum(int((~np.isfinite(s)).sum()) for s in train + test)
+                raise ValueError(f"got {len(xs)} series but {len(ys)} labels")
+        series = _series_list([s for xs, _ in splits for s in xs])  # also checks channels agree
+        y_all = np.concatenate([np.asarray(ys) for _, ys in splits])
+        bad = sum(int((~np.isfinite(s)).sum()) for s in series)
         if bad:
             raise ValueError(
                 f"dataset {self.name!r} has {bad} missing or non-finite values; impute them first"
@@ -310,11 +304,11 @@ class UCRDataModule(L.LightningDataModule):
         classes = _sorted_classes(y_all)
         codes = {label: i for i, label in enumerate(classes)}
         y_all = np.array([codes[label] for label in y_all], dtype=np.int64)
-        series = [_znorm(s) if self.normalize else s for s in train + test]
-        length = max(s.shape[1] for s in series)
-        x, mask = _pad(series, length)
+        if self.normalize:
+            series = [_znorm(s) for s in series]
+        x, mask = _pad(series, max(s.shape[1] for s in series))
         mask = None if mask.all() else mask
-        n = len(train)
+        n = len(x_train)
 
         def subset(idx: np.ndarray) -> TimeSeriesDataset:
             return TimeSeriesDataset(x[idx], y_all[idx], None if mask is None else mask[idx], index=idx)
@@ -325,7 +319,7 @@ class UCRDataModule(L.LightningDataModule):
                 f"val_fraction={self.val_fraction} holds out no sample of {n}; raise it, or use 0 to validate on test"
             )
         self.train_dataset = subset(train_idx)
-        self.test_dataset = subset(np.arange(n, len(series))) if test else None
+        self.test_dataset = subset(np.arange(n, len(series))) if x_test is not None else None
         self.val_dataset = subset(val_idx) if self.val_fraction > 0 else self.test_dataset
         self.classes_ = classes
 

@@ -22,7 +22,14 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_tsd._batch import Batch, InvalidBatchError, call_model, unpack_batch
 from lightning_tsd.cache import TeacherCache
 from lightning_tsd.checkpoint import build_from_spec, load_teacher, model_spec
-from lightning_tsd.losses import BASE_LOSSES, BaseLoss, TemporalSaliencyLoss, dkd_loss, kd_loss, teacher_outputs
+from lightning_tsd.losses import (
+    BASE_LOSSES,
+    BaseLoss,
+    TemporalSaliencyLoss,
+    dkd_loss,
+    kd_loss,
+    teacher_outputs,
+)
 from lightning_tsd.metrics import TeacherAgreement, TeacherStudentDivergence
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -143,7 +150,7 @@ class TemporalSaliencyDistiller(pl.LightningModule):
         self.hparams["teacher_cache"] = bool(teacher_cache)
 
         self.teacher = teacher.requires_grad_(False).eval()
-        self.student = student
+        self.student = student if student_train_mode else student.eval()
         self.num_classes = self._check_class_counts(num_classes)
         self.base_loss = base_loss
         self.optimizer = optimizer
@@ -318,6 +325,10 @@ class TemporalSaliencyDistiller(pl.LightningModule):
 
         weights = {"ce": self.hparams.ce_weight, "kd": self.hparams.kd_weight, "tsd": tsd_weight}
         loss = sum(weights[name] * value for name, value in parts.items())
+        if "ce" not in parts and "kd" not in parts:
+            # Parameters that only shift the logits (an output bias) get no gradient from a saliency map;
+            # tie the logits in so DDP sees every parameter used (their gradient is exactly 0).
+            loss = loss + 0.0 * student_logits.sum()
         batch_size = b.x.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         for name, value in parts.items():

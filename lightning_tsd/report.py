@@ -1,6 +1,6 @@
 """Can the student replace the teacher? A report over a dataloader, with an explicit verdict.
 
-:func:`substitution_report` runs both models over the data and measures accuracy and calibration (ECE)
+:func:`substitution_report` runs both models over the data and measures accuracy and calibration (ECE, 15 bins)
 of each, their agreement (overall and per teacher-predicted class), KL/JS divergence, saliency alignment
 and the teacher-vs-student confusion matrix, all through torchmetrics classes (so, under
 ``torch.distributed``, call it on every rank: the numbers sync; the worst-sample list is per rank). The
@@ -149,6 +149,7 @@ class SubstitutionReport:
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON-ready) including the checks and the verdict."""
         out = dataclasses.asdict(self)
+        out["per_class_agreement"] = [None if math.isnan(a) else a for a in self.per_class_agreement]
         out["accuracy_drop"] = self.accuracy_drop
         out["checks"] = [{**dataclasses.asdict(c), "passed": c.passed} for c in self.checks]
         out["can_substitute"] = self.can_substitute
@@ -184,7 +185,7 @@ class SubstitutionReport:
             ),
             "",
             *_table(
-                ["agreement", "KL(teacher || student)", "JS"],
+                ["agreement", "KL(teacher ‖ student)", "JS"],
                 [[_fmt(self.agreement), _fmt(self.kl), _fmt(self.js)]],
             ),
             "",
@@ -240,8 +241,11 @@ class SubstitutionReport:
         ax_cm.set_xticks(ticks)
         ax_cm.set_yticks(ticks)
         fig.colorbar(image, ax=ax_cm, shrink=0.8)
-        agreement = np.nan_to_num(np.asarray(self.per_class_agreement, dtype=float))
-        ax_bar.bar(ticks, agreement, color="C0")
+        agreement = np.asarray(self.per_class_agreement, dtype=float)
+        ax_bar.bar(ticks, np.nan_to_num(agreement), color="C0")
+        for c, (value, count) in enumerate(zip(agreement, self.per_class_count)):
+            note = "n/a" if np.isnan(value) else f"n={count}"
+            ax_bar.text(c, np.nan_to_num(value) + 0.02, note, ha="center", va="bottom", fontsize="small")
         ax_bar.axhline(self.thresholds.min_agreement, color="C3", linestyle="--", label="threshold")
         ax_bar.set(
             xlabel="teacher-predicted class", ylabel="agreement", ylim=(0, 1.05), title="agreement per class"

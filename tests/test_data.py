@@ -212,3 +212,14 @@ def test_indexed_dataset_adds_an_index_to_pairs_and_dicts():
     assert item["x"].dtype == torch.float32 and item["y"].dtype == torch.int64
     with pytest.raises(TypeError, match="pairs"):
         IndexedDataset([torch.zeros(3)])[0]
+
+
+def test_inconsistent_arrays_are_refused():
+    x = np.zeros((4, 2, 5))
+    with pytest.raises(ValueError, match="channels"):
+        UCRDataModule.from_arrays(x, [0, 1, 0, 1], np.zeros((2, 3, 5)), [0, 1]).setup()
+    with pytest.raises(ValueError, match="4 series but 3 labels"):
+        UCRDataModule.from_arrays(x, [0, 1, 0]).setup()
+    x[2, 1, 3] = np.nan
+    with pytest.raises(ValueError, match="1 missing"):
+        UCRDataModule.from_arrays(x, [0, 1, 0, 1]).setup()

@@ -1,0 +1,43 @@
+"""DDP on CPU (gloo): gradients that reach the student only through the TSD term's double backward are
+averaged across ranks, so a 2-process fit equals a 1-process fit on the same global batches."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import TinyCNN
+
+METHODS = ["gradient", "input_x_gradient", "integrated_gradients", "occlusion"]
+SCRIPT = Path(__file__).with_name("ddp_fit.py")
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(300)
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    for devices in (2, 1):
+        result = subprocess.run(
+            [sys.executable, str(SCRIPT), str(tmp_path), str(devices), *METHODS],
+            env=env, capture_output=True, text=True, timeout=240,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    torch.manual_seed(0)
+    TinyCNN(1, 3)  # same draws as the script: the teacher first
+    initial = TinyCNN(1, 3, width=4, batchnorm=False).state_dict()
+    for method in METHODS:
+        rank0 = torch.load(tmp_path / f"{method}-devices2-rank0.pt", weights_only=True)
+        rank1 = torch.load(tmp_path / f"{method}-devices2-rank1.pt", weights_only=True)
+        single = torch.load(tmp_path / f"{method}-devices1-rank0.pt", weights_only=True)
+        # every rank cached every sample after the epoch-end sync, though each saw only half
+        assert rank0["cache_size"] == rank1["cache_size"] == single["cache_size"] == 32
+        for name, value in single["student"].items():
+            assert torch.equal(rank0["student"][name], rank1["student"][name]), (method, name)
+            torch.testing.assert_close(rank0["student"][name], value, rtol=1e-4, atol=1e-6, msg=f"{method} {name}")
+        # the TSD term alone moved every weight (biases before a ReLU get no second-order signal)
+        moved = [not torch.equal(initial[n], v) for n, v in single["student"].items() if n.endswith("weight")]
+        assert all(moved), method
