@@ -309,3 +309,31 @@ def test_resume_from_last_checkpoint_and_load_without_arguments(tmp_path):
     assert restored.hparams.tsd_weight == model.hparams.tsd_weight
     for a, b in zip(restored.teacher.state_dict().values(), model.teacher.state_dict().values()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("strategy_name", ["FSDPStrategy", "DeepSpeedStrategy"])
+def test_sharded_strategies_are_refused_at_setup_naming_the_supported_ones(strategy_name):
+    import types
+
+    model = distiller()
+    model._trainer = types.SimpleNamespace(strategy=type(strategy_name, (), {})())
+    with pytest.raises(ValueError, match=f"{strategy_name} is not supported.*'ddp'"):
+        model.setup("fit")
+
+
+def test_sync_batchnorm_student_is_refused():
+    student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(TinyCNN(1, 3, width=4))
+    model = distiller(student=student, tsd_weight=1.0)
+    with pytest.raises(ValueError, match="SyncBatchNorm layers, which have no double backward"):
+        trainer(max_steps=1, limit_val_batches=0).fit(model, loader(make_data()))
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "onecycle"])
+def test_configurable_optimizer_and_scheduler(scheduler):
+    model = distiller(optimizer="adamw", weight_decay=0.01, scheduler=scheduler, lr=0.01)
+    t = trainer(max_steps=3, limit_val_batches=0)
+    t.fit(model, loader(make_data()))
+    assert isinstance(t.optimizers[0], torch.optim.AdamW)
+    assert t.optimizers[0].param_groups[0]["weight_decay"] == 0.01
+    assert t.lr_scheduler_configs[0].interval == "step"
+    assert t.optimizers[0].param_groups[0]["lr"] != 0.01  # the schedule moved it
