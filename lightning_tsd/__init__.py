@@ -9,10 +9,16 @@ Example:
     torch.Size([3, 16])
 """
 
-from lightning_tsd._batch import InvalidBatchError
+from lightning_tsd._batch import InvalidBatchError, NonFiniteLossError
 from lightning_tsd.cache import TeacherCache, TeacherCacheError
 from lightning_tsd.callbacks import SaliencyAlignmentMonitor, SaliencyMapLogger
-from lightning_tsd.checkpoint import CorruptCheckpointError, UnsafeCheckpointError, load_teacher, save_teacher
+from lightning_tsd.checkpoint import (
+    AtomicCheckpointIO,
+    CorruptCheckpointError,
+    UnsafeCheckpointError,
+    load_teacher,
+    save_teacher,
+)
 from lightning_tsd.classifier import TimeSeriesClassifier
 from lightning_tsd.data import IndexedDataset, TimeSeriesDataset, UCRDataModule
 from lightning_tsd.losses import TemporalSaliencyLoss, TSDOutput, dkd_loss, kd_loss, saliency_alignment_loss
@@ -30,6 +36,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ESTIMATORS",
+    "AtomicCheckpointIO",
+    "NonFiniteLossError",
     "CorruptCheckpointError",
     "IndexedDataset",
     "InvalidBatchError",

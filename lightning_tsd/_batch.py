@@ -18,6 +18,11 @@ class InvalidBatchError(ValueError):
     """A batch (or one of its tensors) that the distiller cannot use; the message names the problem."""
 
 
+class NonFiniteLossError(InvalidBatchError):
+    """A training step whose loss came out NaN or infinite (from finite inputs: values too large for the
+    models' precision, or a diverged student); raised before the optimizer step, so nothing is updated."""
+
+
 class Batch(NamedTuple):
     """A validated batch: ``x`` is ``(B, C, T)`` float, ``mask`` ``(B, T)`` bool or None."""
 

@@ -9,7 +9,9 @@ different (random augmentation, a shuffled dataset without stable indices) raise
 Memory: ``N * (K + T + 2) * 4`` bytes (plus ``N`` bytes of flags) on ``device`` (CPU by default) for
 ``N`` cached samples, ``K`` classes and series length ``T``; ``N * (K + 2) * 4`` when saliency is not
 cached. Storage grows by doubling up to ``max_bytes``; past it, new samples are served live and a
-warning says so once.
+warning says so once. Storage is indexed by sample index, so its size follows the largest index seen:
+an index whose row would not fit in ``max_bytes`` is never allocated (it is served live). Rows whose
+teacher logits or saliency are not finite are never stored.
 """
 
 from __future__ import annotations
@@ -154,6 +156,15 @@ class TeacherCache:
     def put(self, index: Tensor, logits: Tensor, saliency: Tensor | None, x: Tensor) -> None:
         """Store the teacher's outputs for a batch of samples."""
         index = self._check_index(index)
+        finite = torch.isfinite(logits.detach()).all(1)
+        if saliency is not None:
+            finite &= torch.isfinite(saliency.detach()).all(1)
+        if not bool(finite.all()):
+            # A NaN/Inf teacher output (inputs beyond the teacher's precision) is never cached: it is
+            # recomputed, and refused or skipped, every time the sample comes back.
+            keep = finite.to(index.device)
+            index, logits, x = index[keep], logits[finite], x[finite.to(x.device)]
+            saliency = None if saliency is None else saliency[finite.to(saliency.device)]
         if index.numel() == 0:
             return
         length = None if saliency is None else saliency.shape[1]

@@ -15,11 +15,12 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_tsd._batch import Batch, InvalidBatchError, call_model, unpack_batch
+from lightning_tsd._batch import Batch, InvalidBatchError, NonFiniteLossError, call_model, unpack_batch
 from lightning_tsd.cache import TeacherCache
 from lightning_tsd.checkpoint import build_from_spec, load_teacher, model_spec
 from lightning_tsd.losses import (
@@ -39,6 +40,7 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 }
 SCHEDULERS = ("cosine", "onecycle")
 SUPPORTED_STRATEGIES = "single-device, 'ddp', 'ddp_spawn', 'ddp_fork' / 'ddp_notebook'"
+BAD_BATCH_POLICIES = ("raise", "skip")
 
 
 def infer_num_classes(model: nn.Module) -> int | None:
@@ -101,6 +103,16 @@ class TemporalSaliencyDistiller(pl.LightningModule):
         teacher_cache: True (or a :class:`TeacherCache`) keeps the teacher's logits and saliency per
             sample ``index``; batches without an index are served live.
         num_classes: number of classes, if it cannot be read off the models.
+        on_bad_batch: what a training batch with non-finite values in ``x``, or a step whose loss comes
+            out NaN/Inf, does. ``"raise"`` (default): :class:`InvalidBatchError` /
+            :class:`NonFiniteLossError` before the optimizer step. ``"skip"``: the step is skipped on every
+            process (under DDP the decision is all-reduced, so ranks never diverge or hang): no parameter,
+            optimizer-state or BatchNorm-statistics change, a rank-zero warning, and the running count
+            logged as ``train/skipped_batches`` (kept in checkpoints). Other bad batches (wrong shape,
+            dtype, labels, mask) always raise.
+
+    Inputs: a floating ``x`` whose dtype differs from the student's parameters (float64 data, a float32
+    batch under ``precision="64-true"``) is cast to the student's parameter dtype; integer ``x`` is refused.
 
     Example:
         >>> teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32, 3))
@@ -135,8 +147,11 @@ class TemporalSaliencyDistiller(pl.LightningModule):
         scheduler: str | None = None,
         teacher_cache: bool | TeacherCache = False,
         num_classes: int | None = None,
+        on_bad_batch: str = "raise",
     ) -> None:
         super().__init__()
+        if on_bad_batch not in BAD_BATCH_POLICIES:
+            raise ValueError(f"on_bad_batch must be one of {list(BAD_BATCH_POLICIES)}, got {on_bad_batch!r}")
         teacher_hparam = teacher if isinstance(teacher, (str, dict)) else None
         teacher = _resolve_model(teacher, "teacher")
         student = _resolve_model(student, "student")
@@ -161,6 +176,8 @@ class TemporalSaliencyDistiller(pl.LightningModule):
             teacher_cache if isinstance(teacher_cache, TeacherCache) else TeacherCache() if teacher_cache else None
         )
         self.metrics = nn.ModuleDict({stage: self._stage_metrics() for stage in ("val", "test")})
+        self.skipped_batches = 0  # training batches skipped by on_bad_batch="skip" (all ranks agree)
+        self._good_batches_since_step = 0
 
     # ------------------------------------------------------------------ set-up checks
     @staticmethod
@@ -223,13 +240,57 @@ class TemporalSaliencyDistiller(pl.LightningModule):
         return call_model(self.student, x, mask)
 
     # ------------------------------------------------------------------ pieces of a step
-    def _unpack(self, batch: Any, batch_idx: int) -> Batch:
+    def _where(self, batch_idx: int) -> str:
+        return f"batch {batch_idx} of epoch {self.current_epoch} (global step {self.global_step})"
+
+    def _unpack(self, batch: Any, batch_idx: int, check_values: bool = True) -> Batch:
         try:
-            return unpack_batch(batch, num_classes=self.num_classes)
+            b = unpack_batch(batch, num_classes=self.num_classes, check_values=check_values)
         except InvalidBatchError as err:
+            raise InvalidBatchError(f"bad {self._where(batch_idx)}: {err}") from err
+        dtype = next((p.dtype for p in self.student.parameters() if p.is_floating_point()), None)
+        if dtype is not None and b.x.dtype != dtype:
+            b = b._replace(x=b.x.to(dtype))  # float64 data into a float32 student (and the converse)
+        return b
+
+    def _check_batchnorm_batch(self, b: Batch, batch_idx: int) -> None:
+        """Train-mode BatchNorm cannot normalise a single value per channel: say so before torch does."""
+        if b.x.shape[0] * b.x.shape[-1] > 1 or not self.student.training:
+            return
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in self.student.modules()):
             raise InvalidBatchError(
-                f"bad batch {batch_idx} of epoch {self.current_epoch} (global step {self.global_step}): {err}"
-            ) from err
+                f"bad {self._where(batch_idx)}: the student has BatchNorm in train mode, which needs more than "
+                f"one value per channel, but the batch holds one sample of one step (shape {tuple(b.x.shape)}). "
+                "Use DataLoader(drop_last=True), a larger batch, or student_train_mode=False"
+            )
+
+    def _buffer_snapshot(self) -> list[tuple[Tensor, Tensor]] | None:
+        """Copies of the student's buffers (BatchNorm running statistics) when a forward may change them."""
+        if not self.student.training:
+            return None
+        buffers = [t for t in self.student.buffers() if t is not None]
+        return [(t, t.clone()) for t in buffers] if buffers else None
+
+    @staticmethod
+    def _restore(snapshot: list[tuple[Tensor, Tensor]] | None) -> None:
+        if snapshot:
+            with torch.no_grad():
+                for tensor, saved in snapshot:
+                    tensor.copy_(saved)
+
+    @staticmethod
+    def _finite(loss: Tensor, snapshot: list[tuple[Tensor, Tensor]] | None) -> bool:
+        """The loss, and the student's floating buffers a forward may have updated, are all finite
+        (one host sync)."""
+        checks = [torch.isfinite(loss).all()]
+        checks += [torch.isfinite(t).all() for t, _ in snapshot or () if t.is_floating_point()]
+        return bool(torch.stack(checks).all()) if len(checks) > 1 else bool(checks[0])
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every process when ``flag`` is True on any (one all-reduce under DDP)."""
+        if self._trainer is None:
+            return flag
+        return bool(self.trainer.strategy.reduce_boolean_decision(flag, all=False))
 
     def _check_logits(self, logits: Tensor, who: str) -> None:
         if self.num_classes is not None and logits.shape[1] != self.num_classes:
@@ -301,11 +362,57 @@ class TemporalSaliencyDistiller(pl.LightningModule):
         return self.base_loss(student_logits, teacher_logits, y)
 
     # ------------------------------------------------------------------ Lightning hooks
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        b = self._unpack(batch, batch_idx)
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        skip_mode = self.hparams.get("on_bad_batch", "raise") == "skip"
+        b = self._unpack(batch, batch_idx, check_values=not skip_mode)
         if b.y is None and self.hparams.ce_weight > 0:
             raise InvalidBatchError(f"batch {batch_idx} has no labels y but ce_weight > 0; set ce_weight=0")
+        self._check_batchnorm_batch(b, batch_idx)
+        reason = None
+        if skip_mode:
+            bad = int((~torch.isfinite(b.x)).sum())
+            if bad:
+                reason = f"x contains {bad} non-finite value(s) (NaN or Inf) out of {b.x.numel()}"
+        loss = parts = None
         tsd_weight = self.current_tsd_weight()
+        snapshot = self._buffer_snapshot()
+        if reason is None:
+            try:
+                loss, parts = self._losses(b, tsd_weight)
+            except BaseException as err:
+                self._restore(snapshot)  # a failed step leaves BatchNorm statistics as they were
+                if isinstance(err, RuntimeError):
+                    err.add_note(f"lightning-tsd: while training on {self._where(batch_idx)}, x of shape {tuple(b.x.shape)}")
+                raise
+            if not self._finite(loss, snapshot):
+                values = ", ".join(f"{name}={float(value):.4g}" for name, value in parts.items())
+                reason = f"the loss is not finite ({values})"
+                if bool(torch.isfinite(loss)):
+                    values = "the student's running statistics (BatchNorm buffers) overflowed to NaN/Inf"
+                    reason = values
+                if not skip_mode:
+                    self._restore(snapshot)
+                    raise NonFiniteLossError(
+                        f"non-finite loss at {self._where(batch_idx)} ({values}), before the optimizer step: the "
+                        "inputs may be too large for the models' precision, or the student diverged. Pass "
+                        "on_bad_batch='skip' to skip such batches"
+                    )
+        if skip_mode and self._any_rank(reason is not None):
+            self._restore(snapshot)
+            return self._skip(batch_idx, reason, b.x.shape[0])
+
+        self._good_batches_since_step += 1
+        batch_size = b.x.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        for name, value in parts.items():
+            self.log(f"train/{name}", value.detach(), batch_size=batch_size)
+        self.log("train/tsd_weight", tsd_weight, batch_size=batch_size)
+        if skip_mode:
+            self.log("train/skipped_batches", float(self.skipped_batches), batch_size=batch_size)
+        return loss
+
+    def _losses(self, b: Batch, tsd_weight: float) -> tuple[Tensor, dict[str, Tensor]]:
+        """The weighted total loss and its parts for a validated batch."""
         teacher_logits, teacher_saliency = self.teacher_outputs(b, with_saliency=tsd_weight > 0)
         self._check_logits(teacher_logits, "teacher")
 
@@ -329,12 +436,33 @@ class TemporalSaliencyDistiller(pl.LightningModule):
             # Parameters that only shift the logits (an output bias) get no gradient from a saliency map;
             # tie the logits in so DDP sees every parameter used (their gradient is exactly 0).
             loss = loss + 0.0 * student_logits.sum()
-        batch_size = b.x.shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        for name, value in parts.items():
-            self.log(f"train/{name}", value.detach(), batch_size=batch_size)
-        self.log("train/tsd_weight", tsd_weight, batch_size=batch_size)
-        return loss
+        return loss, parts
+
+    def _skip(self, batch_idx: int, reason: str | None, batch_size: int) -> Tensor | None:
+        """Skip this step on every rank: a zero loss that reaches every trainable parameter (so DDP's
+        gradient all-reduce runs as usual and nobody waits), and ``on_before_optimizer_step`` drops the
+        (zero) gradients so the optimizer changes nothing, its state included."""
+        self.skipped_batches += 1
+        where = reason if reason is not None else "a non-finite input or loss on another process"
+        rank_zero_warn(
+            f"on_bad_batch='skip': skipping {self._where(batch_idx)}: {where} "
+            f"({self.skipped_batches} batch(es) skipped so far)",
+            category=RuntimeWarning,
+        )
+        self.log("train/skipped_batches", float(self.skipped_batches), batch_size=batch_size)
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        if not params:
+            return None
+        return torch.stack([p.sum() for p in params]).sum() * 0.0
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._good_batches_since_step == 0 and self.hparams.get("on_bad_batch", "raise") == "skip":
+            # Every batch since the last step was skipped: drop the zero gradients, so that the optimizer
+            # skips every parameter (no update, no weight decay, no moment or step-count change).
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+        self._good_batches_since_step = 0
 
     def on_train_epoch_end(self) -> None:
         if self.teacher_cache is not None:
@@ -413,9 +541,11 @@ class TemporalSaliencyDistiller(pl.LightningModule):
         return len(self.teacher_cache)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["tsd_skipped_batches"] = self.skipped_batches
         if self.teacher_cache is not None:
             checkpoint["tsd_teacher_cache"] = self.teacher_cache.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_batches = int(checkpoint.get("tsd_skipped_batches", 0))
         if self.teacher_cache is not None and "tsd_teacher_cache" in checkpoint:
             self.teacher_cache.load_state_dict(checkpoint["tsd_teacher_cache"])
