@@ -4,11 +4,12 @@ A frozen teacher in eval mode gives the same outputs for the same input every ep
 first epoch its cost can vanish. The cache is only valid for inputs that do not change between
 epochs: each entry keeps a fingerprint of its input (two float64 sums), and a sample that comes back
 different (random augmentation, a shuffled dataset without stable indices) raises
-:class:`TeacherCacheError` instead of silently distilling stale targets.
+:class:`TeacherCacheError` instead of silently distilling stale targets. Each entry is compared on its
+first hit after being stored, so the check costs nothing from the third epoch on.
 
-Memory: ``N * (K + T + 2) * 4`` bytes (plus ``N`` bytes of flags) on ``device`` (CPU by default) for
-``N`` cached samples, ``K`` classes and series length ``T``; ``N * (K + 2) * 4`` when saliency is not
-cached. Storage grows by doubling up to ``max_bytes``; past it, new samples are served live and a
+Memory: ``N * (4 * (K + T) + 18)`` bytes on ``device`` (CPU by default) for ``N`` rows, ``K`` classes and
+series length ``T`` (float32 logits and saliency, a 16-byte fingerprint, two flags); ``N * (4 * K + 18)``
+when saliency is not cached. ``nbytes`` says what is held. Storage grows by doubling up to ``max_bytes``; past it, new samples are served live and a
 warning says so once. Storage is indexed by sample index, so its size follows the largest index seen:
 an index whose row would not fit in ``max_bytes`` is never allocated (it is served live). Rows whose
 teacher logits or saliency are not finite are never stored.
@@ -59,6 +60,7 @@ class TeacherCache:
         self.saliency: Tensor | None = None
         self.fingerprint: Tensor | None = None
         self.filled: Tensor | None = None
+        self.verified: Tensor | None = None  # entries whose input was compared once since being stored
         self._pending: list[Tensor] = []  # indices added since the last sync across processes
         self._warned_full = False
 
@@ -72,11 +74,11 @@ class TeacherCache:
     @property
     def nbytes(self) -> int:
         """Bytes held by the cache's storage."""
-        tensors = (self.logits, self.saliency, self.fingerprint, self.filled)
+        tensors = (self.logits, self.saliency, self.fingerprint, self.filled, self.verified)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def _row_bytes(self, num_classes: int, length: int | None) -> int:
-        return 4 * num_classes + (0 if length is None else 4 * length) + 16 + 1
+        return 4 * num_classes + (0 if length is None else 4 * length) + 16 + 2
 
     def _reserve(self, needed: int, num_classes: int, length: int | None) -> bool:
         """Grow storage to hold indices ``< needed``; False when that would exceed ``max_bytes``."""
@@ -107,6 +109,7 @@ class TeacherCache:
             self.saliency = grow(self.saliency, (new_capacity, length), torch.float32)
         self.fingerprint = grow(self.fingerprint, (new_capacity, 2), torch.float64)
         self.filled = grow(self.filled, (new_capacity,), torch.bool)
+        self.verified = grow(self.verified, (new_capacity,), torch.bool)
         return True
 
     def _check_index(self, index: Tensor) -> Tensor:
@@ -131,24 +134,31 @@ class TeacherCache:
         Raises:
             TeacherCacheError: a hit whose input differs from the one cached (augmented data).
         """
-        index = self._check_index(index)
+        # No index checks here (they cost a host sync per step): a negative or unseen index is a miss,
+        # and put() refuses bad indices when the miss is stored.
+        index = index.detach().to(self.device, torch.long).flatten()
         if self.filled is None:
             return torch.zeros(index.numel(), dtype=torch.bool, device=x.device), None, None
-        in_range = index < self.capacity
-        safe = index.clamp_max(self.capacity - 1)
+        in_range = (index >= 0) & (index < self.capacity)
+        safe = index.clamp(0, self.capacity - 1)
         hit = self.filled[safe] & in_range
         if not bool(hit.any()):
             return hit.to(x.device), None, None
-        if self.check_inputs:
-            stored = self.fingerprint[safe[hit]]
-            seen = input_fingerprint(x[hit.to(x.device)]).to(self.device)
-            if not torch.allclose(seen, stored, rtol=1e-5, atol=1e-6):
-                bad = index[hit][~torch.isclose(seen, stored, rtol=1e-5, atol=1e-6).all(1)].tolist()
+        # Each entry's input is compared once, on its first hit: random augmentation shows there, and
+        # later epochs pay nothing for the check.
+        unverified = hit & ~self.verified[safe] if self.check_inputs else torch.zeros_like(hit)
+        if bool(unverified.any()):
+            stored = self.fingerprint[safe[unverified]]
+            seen = input_fingerprint(x[unverified.to(x.device)]).to(self.device)
+            same = torch.isclose(seen, stored, rtol=1e-5, atol=1e-6).all(1)
+            if not bool(same.all()):
+                bad = index[unverified][~same].tolist()
                 raise TeacherCacheError(
                     f"sample(s) with index {bad[:5]} changed since the teacher cache stored them. The cache is "
                     "only valid when a sample is the same every epoch: turn off random augmentation, or set "
                     "teacher_cache=False"
                 )
+            self.verified[safe[unverified]] = True
         logits = self.logits[safe].to(x.device)
         saliency = None if self.saliency is None else self.saliency[safe].to(x.device)
         return hit.to(x.device), logits, saliency
@@ -186,6 +196,7 @@ class TeacherCache:
             self.saliency[index] = saliency.detach().float().to(self.device)
         self.fingerprint[index] = input_fingerprint(x).to(self.device)
         self.filled[index] = True
+        self.verified[index] = False
         self._pending.append(index)
 
     def sync(self) -> None:
@@ -225,6 +236,7 @@ class TeacherCache:
             self.saliency[index] = saliency.to(self.device)
         self.fingerprint[index] = entry["fingerprint"].to(self.device)
         self.filled[index] = True
+        self.verified[index] = False
 
     def state_dict(self) -> dict[str, Any]:
         """Plain tensors only (checkpoint-safe with ``torch.load(weights_only=True)``)."""
@@ -240,7 +252,7 @@ class TeacherCache:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Replace the cache's contents with ``state`` (from :meth:`state_dict`)."""
-        self.logits = self.saliency = self.fingerprint = self.filled = None
+        self.logits = self.saliency = self.fingerprint = self.filled = self.verified = None
         self._pending = []
         if state["index"].numel():
             self._store_rows(state)
