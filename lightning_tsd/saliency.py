@@ -133,15 +133,22 @@ def _input_gradient(output: Tensor, inputs: Tensor, create_graph: bool) -> Tenso
     return grad
 
 
+def _logits_and_input_gradient(
+    model: nn.Module, x: Tensor, target: Tensor | None, mask: Tensor | None, create_graph: bool
+) -> tuple[Tensor, Tensor]:
+    """One forward on ``x``: the logits and ``dz_k / dx`` for the target class."""
+    x = x.detach().requires_grad_(True)
+    logits = call_model(model, x, mask)
+    target = _resolve_target(target, logits)
+    return logits, _input_gradient(_target_logit(logits, target), x, create_graph)
+
+
 @_register("gradient")
 def gradient(
     model: nn.Module, x: Tensor, target: Tensor | None, *, mask: Tensor | None = None, create_graph: bool = False
 ) -> tuple[Tensor, Tensor]:
     """``s_t = sum_c |dz_k / dx_{c,t}|`` (captum ``Saliency`` with ``abs=True``, summed over channels)."""
-    x = x.detach().requires_grad_(True)
-    logits = call_model(model, x, mask)
-    target = _resolve_target(target, logits)
-    grad = _input_gradient(_target_logit(logits, target), x, create_graph)
+    logits, grad = _logits_and_input_gradient(model, x, target, mask, create_graph)
     return logits, grad.abs().sum(dim=1)
 
 
@@ -150,10 +157,7 @@ def input_x_gradient(
     model: nn.Module, x: Tensor, target: Tensor | None, *, mask: Tensor | None = None, create_graph: bool = False
 ) -> tuple[Tensor, Tensor]:
     """``s_t = sum_c |x_{c,t} * dz_k / dx_{c,t}|`` (captum ``InputXGradient``, abs, summed over channels)."""
-    x = x.detach().requires_grad_(True)
-    logits = call_model(model, x, mask)
-    target = _resolve_target(target, logits)
-    grad = _input_gradient(_target_logit(logits, target), x, create_graph)
+    logits, grad = _logits_and_input_gradient(model, x, target, mask, create_graph)
     return logits, (x.detach() * grad).abs().sum(dim=1)
 
 
