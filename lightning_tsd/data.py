@@ -346,6 +346,10 @@ class UCRDataModule(L.LightningDataModule):
             raise RuntimeError(f"{self.name!r} has no test split; pass x_test/y_test or test_path")
         return self._loader(self.test_dataset)
 
+    def predict_dataloader(self) -> DataLoader:
+        """Batches of the test split (``predict_step`` ignores the labels)."""
+        return self.test_dataloader()
+
     @property
     def num_classes(self) -> int:
         """Number of classes ``K`` (over all splits)."""
