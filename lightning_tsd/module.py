@@ -363,40 +363,30 @@ class TemporalSaliencyDistiller(pl.LightningModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
-        skip_mode = self.hparams.get("on_bad_batch", "raise") == "skip"
-        b = self._unpack(batch, batch_idx, check_values=not skip_mode)
+        skip_mode = self.hparams.on_bad_batch == "skip"
+        b = self._unpack(batch, batch_idx, check_values=not skip_mode)  # "raise": NaN/Inf in x raise here
         if b.y is None and self.hparams.ce_weight > 0:
             raise InvalidBatchError(f"batch {batch_idx} has no labels y but ce_weight > 0; set ce_weight=0")
         self._check_batchnorm_batch(b, batch_idx)
-        reason = None
-        if skip_mode:
-            bad = int((~torch.isfinite(b.x)).sum())
-            if bad:
-                reason = f"x contains {bad} non-finite value(s) (NaN or Inf) out of {b.x.numel()}"
-        loss = parts = None
         tsd_weight = self.current_tsd_weight()
-        snapshot = self._buffer_snapshot()
+        snapshot = self._buffer_snapshot()  # a refused or skipped step leaves BatchNorm statistics as they were
+        loss, parts, reason = None, {}, self._nonfinite_input(b) if skip_mode else None
         if reason is None:
             try:
                 loss, parts = self._losses(b, tsd_weight)
             except BaseException as err:
-                self._restore(snapshot)  # a failed step leaves BatchNorm statistics as they were
+                self._restore(snapshot)
                 if isinstance(err, RuntimeError):
                     err.add_note(f"lightning-tsd: while training on {self._where(batch_idx)}, x of shape {tuple(b.x.shape)}")
                 raise
-            if not self._finite(loss, snapshot):
-                values = ", ".join(f"{name}={float(value):.4g}" for name, value in parts.items())
-                reason = f"the loss is not finite ({values})"
-                if bool(torch.isfinite(loss)):
-                    values = "the student's running statistics (BatchNorm buffers) overflowed to NaN/Inf"
-                    reason = values
-                if not skip_mode:
-                    self._restore(snapshot)
-                    raise NonFiniteLossError(
-                        f"non-finite loss at {self._where(batch_idx)} ({values}), before the optimizer step: the "
-                        "inputs may be too large for the models' precision, or the student diverged. Pass "
-                        "on_bad_batch='skip' to skip such batches"
-                    )
+            reason = self._nonfinite_loss(loss, parts, snapshot)
+            if reason is not None and not skip_mode:
+                self._restore(snapshot)
+                raise NonFiniteLossError(
+                    f"non-finite loss at {self._where(batch_idx)} ({reason}), before the optimizer step: the "
+                    "inputs may be too large for the models' precision, or the student diverged. Pass "
+                    "on_bad_batch='skip' to skip such batches"
+                )
         if skip_mode and self._any_rank(reason is not None):
             self._restore(snapshot)
             return self._skip(batch_idx, reason, b.x.shape[0])
@@ -410,6 +400,22 @@ class TemporalSaliencyDistiller(pl.LightningModule):
         if skip_mode:
             self.log("train/skipped_batches", float(self.skipped_batches), batch_size=batch_size)
         return loss
+
+    @staticmethod
+    def _nonfinite_input(b: Batch) -> str | None:
+        bad = int((~torch.isfinite(b.x)).sum())
+        return f"x contains {bad} non-finite value(s) (NaN or Inf) out of {b.x.numel()}" if bad else None
+
+    def _nonfinite_loss(
+        self, loss: Tensor, parts: dict[str, Tensor], snapshot: list[tuple[Tensor, Tensor]] | None
+    ) -> str | None:
+        """Why this step must not reach the optimizer (a non-finite loss, or BatchNorm running statistics
+        that overflowed), or None."""
+        if self._finite(loss, snapshot):
+            return None
+        if not bool(torch.isfinite(loss)):
+            return "the loss is not finite: " + ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+        return "the student's running statistics (BatchNorm buffers) overflowed to NaN/Inf"
 
     def _losses(self, b: Batch, tsd_weight: float) -> tuple[Tensor, dict[str, Tensor]]:
         """The weighted total loss and its parts for a validated batch."""
@@ -456,7 +462,7 @@ class TemporalSaliencyDistiller(pl.LightningModule):
         return torch.stack([p.sum() for p in params]).sum() * 0.0
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self._good_batches_since_step == 0 and self.hparams.get("on_bad_batch", "raise") == "skip":
+        if self._good_batches_since_step == 0 and self.hparams.on_bad_batch == "skip":
             # Every batch since the last step was skipped: drop the zero gradients, so that the optimizer
             # skips every parameter (no update, no weight decay, no moment or step-count change).
             for group in optimizer.param_groups:
