@@ -13,7 +13,6 @@ from lightning_tsd._batch import InvalidBatchError, NonFiniteLossError
 from lightning_tsd.cache import TeacherCache, TeacherCacheError
 from lightning_tsd.callbacks import SaliencyAlignmentMonitor, SaliencyMapLogger
 from lightning_tsd.checkpoint import (
-    AtomicCheckpointIO,
     CorruptCheckpointError,
     UnsafeCheckpointError,
     load_teacher,
@@ -24,6 +23,7 @@ from lightning_tsd.data import IndexedDataset, TimeSeriesDataset, UCRDataModule
 from lightning_tsd.losses import TemporalSaliencyLoss, TSDOutput, dkd_loss, kd_loss, saliency_alignment_loss
 from lightning_tsd.metrics import SaliencyAlignment, TeacherAgreement, TeacherStudentDivergence
 from lightning_tsd.module import TemporalSaliencyDistiller
+from lightning_tsd.plugins import AtomicCheckpointIO
 from lightning_tsd.report import (
     SubstitutionReport,
     SubstitutionReportCallback,

@@ -7,6 +7,8 @@ A batch is ``(x, y)``, ``(x, y, index)`` or a mapping with keys ``x``, ``y`` and
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -159,16 +161,24 @@ def model_logits(output: Any) -> Tensor:
     return logits
 
 
-def accepts_mask(model: Any) -> bool:
-    """Whether ``model.forward`` takes a ``mask`` keyword (the reference models do)."""
-    import inspect
-
-    forward = getattr(model, "forward", model)
+def _signature_accepts_mask(forward: Any) -> bool:
     try:
         params = inspect.signature(forward).parameters
     except (TypeError, ValueError):
         return False
     return "mask" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+@functools.lru_cache(maxsize=256)
+def _class_accepts_mask(cls: type) -> bool:
+    return _signature_accepts_mask(cls.forward)
+
+
+def accepts_mask(model: Any) -> bool:
+    """Whether ``model.forward`` takes a ``mask`` keyword (the reference models do); read once per class."""
+    if isinstance(model, torch.nn.Module) and "forward" not in vars(model):
+        return _class_accepts_mask(type(model))
+    return _signature_accepts_mask(getattr(model, "forward", model))
 
 
 def call_model(model: Any, x: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -82,9 +82,9 @@ class TeacherCache:
 
     def _reserve(self, needed: int, num_classes: int, length: int | None) -> bool:
         """Grow storage to hold indices ``< needed``; False when that would exceed ``max_bytes``."""
-        if needed <= self.capacity:
+        if needed <= self.capacity and (length is None or self.saliency is not None):
             return True
-        new_capacity = max(needed, 2 * self.capacity, 64)
+        new_capacity = max(needed, 2 * self.capacity, 64) if needed > self.capacity else self.capacity
         row = self._row_bytes(num_classes, length)
         if new_capacity * row > self.max_bytes:
             new_capacity = needed
@@ -185,6 +185,11 @@ class TeacherCache:
                 f"cached saliency maps have T={self.saliency.shape[1]}, got T={length}: the teacher cache "
                 "needs one series length (pad the series and pass a mask)"
             )
+        if self.saliency is not None and saliency is None:
+            raise TeacherCacheError(
+                "this cache holds teacher saliency maps: store rows with their saliency (a row without one "
+                "would later be served with an all-zero map)"
+            )
         if not self._reserve(int(index.max()) + 1, logits.shape[1], length):
             keep = index < self.capacity
             if not bool(keep.any()):
@@ -198,6 +203,11 @@ class TeacherCache:
         self.filled[index] = True
         self.verified[index] = False
         self._pending.append(index)
+
+    def mark_synced(self) -> None:
+        """Forget the entries added since the last :meth:`sync` (every process already has them, e.g.
+        after each one precomputed the whole cache)."""
+        self._pending = []
 
     def sync(self) -> None:
         """Share entries added since the last call with every process of the default process group.

@@ -327,13 +327,18 @@ def saliency_figure(
     others = [i for i in range(len(test)) if i not in first_of_each_class]
     picks = (first_of_each_class + others)[:num_samples]
     x, mask = test.x[picks], None if test.mask is None else test.mask[picks]
-    teacher_logits, teacher_maps = temporal_saliency(
-        teacher.eval(), x, None, "integrated_gradients", mask=mask, steps=steps
-    )
-    target = teacher_logits.argmax(1)
-    _, student_maps = temporal_saliency(
-        student.eval(), x, target, "integrated_gradients", mask=mask, steps=steps
-    )
+    modes = teacher.training, student.training
+    try:
+        teacher_logits, teacher_maps = temporal_saliency(
+            teacher.eval(), x, None, "integrated_gradients", mask=mask, steps=steps
+        )
+        target = teacher_logits.argmax(1)
+        _, student_maps = temporal_saliency(
+            student.eval(), x, target, "integrated_gradients", mask=mask, steps=steps
+        )
+    finally:
+        teacher.train(modes[0])
+        student.train(modes[1])
     spearman = saliency_alignment(student_maps, teacher_maps, mask)["spearman"]
     names = [str(c) for c in data.classes_]
     images = [

@@ -138,11 +138,7 @@ def saliency_alignment_loss(
     return per_sample.clamp_min(0.0).mean()
 
 
-BASE_LOSSES: dict[str, BaseLoss | None] = {
-    "kd": lambda student, teacher, target, temperature=4.0: kd_loss(student, teacher, temperature),
-    "dkd": lambda student, teacher, target, temperature=4.0: dkd_loss(student, teacher, target, temperature=temperature),
-    "none": None,
-}
+BASE_LOSSES = ("kd", "dkd", "none")  # or any callable (student_logits, teacher_logits, y) -> loss
 
 
 class TSDOutput(NamedTuple):

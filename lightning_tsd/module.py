@@ -544,6 +544,7 @@ class TemporalSaliencyDistiller(pl.LightningModule):
             if b.index is None:
                 raise ValueError("precompute_teacher_cache needs batches with an 'index' (use IndexedDataset)")
             self.teacher_outputs(b, with_saliency=self.hparams.tsd_weight > 0, use_cache=True)
+        self.teacher_cache.mark_synced()  # every rank ran the whole loader: nothing to exchange
         return len(self.teacher_cache)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

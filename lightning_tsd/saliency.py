@@ -127,8 +127,9 @@ def _target_logit(logits: Tensor, target: Tensor) -> Tensor:
 
 
 def _input_gradient(output: Tensor, inputs: Tensor, create_graph: bool) -> Tensor:
-    # Samples are independent (no train-mode BatchNorm coupling assumed), so the gradient of the sum of
-    # per-sample target logits is the per-sample gradient.
+    # The gradient of the sum of per-sample target logits is the per-sample gradient when samples do not
+    # interact: true in eval mode; train-mode BatchNorm adds O(1/B) cross-sample terms through the batch
+    # statistics (student_train_mode=False in the distiller avoids them).
     (grad,) = torch.autograd.grad(output.sum(), inputs, create_graph=create_graph)
     return grad
 
@@ -286,7 +287,10 @@ def temporal_saliency(
         if target is not None and isinstance(target, Tensor) and target.is_inference():
             target = target.clone()
         with saliency_kernels(x.device):
-            logits, saliency = estimator(model, x.float(), target, mask=mask, create_graph=create_graph, **options)
+            # fp32 for fp32 (and mixed-precision) models; a float64 or bf16/fp16 model gets its own dtype.
+            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+            logits, saliency = estimator(model, x.to(dtype), target, mask=mask, create_graph=create_graph, **options)
+            saliency = saliency.float()
     if mask is not None:
         saliency = saliency * mask
     if not create_graph:

@@ -237,3 +237,29 @@ def test_kd_loss_is_finite_and_non_negative(b, k, scale, seed, temperature):
     s, t = torch.randn(b, k, generator=g) * scale, torch.randn(b, k, generator=g) * scale
     loss = kd_loss(s, t, temperature)
     assert bool(torch.isfinite(loss)) and float(loss) >= -1e-6
+
+
+def test_float64_student_trains_with_tsd_in_its_own_dtype():
+    """A float64 student (precision="64-true" or .double()) gets its saliency in float64, maps returned fp32."""
+    from lightning_tsd import temporal_saliency
+
+    torch.manual_seed(0)
+    model = TinyCNN(1, 3).double()
+    x = torch.randn(4, 1, 16)
+    logits, saliency = temporal_saliency(model, x, method="integrated_gradients", create_graph=True)
+    assert logits.dtype == torch.float64 and saliency.dtype == torch.float32
+    saliency.sum().backward()
+    assert model.conv.weight.grad is not None and torch.isfinite(model.conv.weight.grad).all()
+
+
+def test_cache_holding_saliency_refuses_rows_without_and_logits_only_cache_grows_saliency():
+    from lightning_tsd import TeacherCache, TeacherCacheError
+
+    x = torch.randn(2, 1, 8)
+    logits_only = TeacherCache()
+    logits_only.put(torch.tensor([0, 1]), torch.randn(2, 3), None, x)
+    logits_only.put(torch.tensor([0, 1]), torch.randn(2, 3), torch.rand(2, 8), x)  # saliency now needed
+    hit, _, saliency = logits_only.get(torch.tensor([0, 1]), x)
+    assert hit.all() and saliency is not None and saliency.shape == (2, 8)
+    with pytest.raises(TeacherCacheError, match="store rows with their saliency"):
+        logits_only.put(torch.tensor([1]), torch.randn(1, 3), None, x[:1])

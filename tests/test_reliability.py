@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_tsd import CorruptCheckpointError, UnsafeCheckpointError, load_teacher, save_teacher
 from lightning_tsd._batch import NonFiniteLossError
-from lightning_tsd.checkpoint import AtomicCheckpointIO, atomic_torch_save
+from lightning_tsd.checkpoint import atomic_torch_save
+from lightning_tsd.plugins import AtomicCheckpointIO
 
 FAULTS = Path(__file__).with_name("ddp_faults.py")
 
