@@ -41,3 +41,22 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
         # the TSD term alone moved every weight (biases before a ReLU get no second-order signal)
         moved = [not torch.equal(initial[n], v) for n, v in single["student"].items() if n.endswith("weight")]
         assert all(moved), method
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(300)
+def test_ddp_wandb_offline_only_rank_zero_logs_and_nothing_hangs(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           "WANDB_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, str(SCRIPT.with_name("ddp_wandb.py")), str(tmp_path)],
+                            env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1  # rank 0 only
+    images = list((runs[0] / "files" / "media" / "images").glob("saliency_maps_*.png"))
+    assert len(images) == 4  # 2 samples x 2 epochs, from rank 0 alone
+    rank0 = torch.load(tmp_path / "metrics-rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "metrics-rank1.pt", weights_only=True)
+    # metrics are synchronised: both ranks hold the same epoch values
+    for key in ("val/agreement", "val/kl", "val/saliency_spearman", "val/acc"):
+        assert rank0[key] == pytest.approx(rank1[key], abs=1e-6), key
