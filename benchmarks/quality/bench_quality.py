@@ -387,8 +387,85 @@ def summarize(out: Path) -> None:
         "![paired deltas](quality.png)",
         "",
     ]
+    lines += _win_tie_loss(datasets, deltas)
+    lines += _wilcoxon(deltas)
     (out / "results.md").write_text("\n".join(lines))
     plot(out, datasets, deltas)
+
+
+TIE = 0.01  # |delta| below this counts as a tie
+
+
+def _wtl(vals: list[float]) -> str:
+    w = sum(v >= TIE for v in vals)
+    lo = sum(v <= -TIE for v in vals)
+    return f"{w}/{len(vals) - w - lo}/{lo}"
+
+
+def _win_tie_loss(datasets: list[str], deltas) -> list[str]:
+    """Wins/ties/losses of each X+TSD variant vs its base X, per dataset (over seeds) and pooled."""
+    tsd = [v for v in BASELINE_OF if "tsd" in v and any(k[1] == v for k in deltas)]
+    lines = [
+        "## Wins / ties / losses of X+TSD vs X (per seed pair)",
+        "",
+        "Counts over the paired (dataset, seed) runs of each TSD variant vs its base (same seed): win = delta",
+        f">= {TIE}, tie = |delta| < {TIE}, loss = delta <= -{TIE}, written W/T/L. *all (pairs)* sums the",
+        "per-dataset counts; *all (datasets)* counts datasets by their mean delta over seeds.",
+        "",
+        "| dataset | variant | base | n | agreement W/T/L | IG-rho W/T/L |",
+        "|---|---|---|---|---|---|",
+    ]
+    for v in tsd:
+        for d in datasets + ["all"]:
+            dd = deltas.get((d, v))
+            if not dd:
+                continue
+            label = "**all (pairs)**" if d == "all" else d
+            lines.append(
+                f"| {label} | {v} | {BASELINE_OF[v]} | {len(dd['agreement'])} | {_wtl(dd['agreement'])} | "
+                f"{_wtl(dd['ig_spearman'])} |"
+            )
+        per_ds = [deltas[(d, v)] for d in datasets if (d, v) in deltas]
+        if per_ds:
+            agr = [float(np.mean(dd["agreement"])) for dd in per_ds]
+            rho = [float(np.mean(dd["ig_spearman"])) for dd in per_ds]
+            lines.append(
+                f"| **all (datasets)** | {v} | {BASELINE_OF[v]} | {len(per_ds)} | {_wtl(agr)} | {_wtl(rho)} |"
+            )
+    return lines + [""]
+
+
+def _wilcoxon(deltas) -> list[str]:
+    """Paired Wilcoxon signed-rank test over all (dataset, seed) pairs of each variant vs its base."""
+    from scipy.stats import wilcoxon
+
+    lines = [
+        "## Paired Wilcoxon signed-rank tests (all dataset x seed pairs)",
+        "",
+        "`scipy.stats.wilcoxon(variant - base)`, two-sided, `zero_method='wilcox'` (pairs with a zero",
+        "difference are dropped: *n* = all pairs, *n != 0* = the pairs the test uses); statistic = the smaller",
+        "of the signed-rank sums; p from scipy's default `method='auto'` (exact for small n without zeros",
+        "or ties, else the normal approximation). No correction for the multiple tests (2 metrics x variants).",
+        "",
+        "| variant | base | n | metric | n != 0 | median delta | statistic | p |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for v in BASELINE_OF:
+        dd = deltas.get(("all", v))
+        if not dd:
+            continue
+        for metric, name in (("agreement", "agreement"), ("ig_spearman", "IG-rho")):
+            vals = np.asarray(dd[metric])
+            nz = int(np.count_nonzero(vals))
+            if nz == 0:
+                stat, p = "–", "–"
+            else:
+                res = wilcoxon(vals, zero_method="wilcox", alternative="two-sided")
+                stat, p = f"{res.statistic:.1f}", f"{res.pvalue:.2g}"
+            lines.append(
+                f"| {v} | {BASELINE_OF[v]} | {len(vals)} | {name} | {nz} | {np.median(vals):+.3f} | {stat} | {p} |"
+            )
+    return lines + [""]
 
 
 def select_default(pooled: dict[str, dict[str, list[float]]]) -> tuple[str | None, str]:

@@ -10,6 +10,13 @@ Adam, loss CE + KD (tau=4) [+ 2 * L_TSD (pearson)]:
 * ``tsd_cached_pkg``  ``training_step`` with ``teacher_cache=True`` (cache filled beforehand).
 * ``tsd_cached_hand`` hand-written TSD with the teacher's logits and saliency precomputed (the floor).
 * ``*_ig`` the same with integrated gradients (8 steps) instead of the gradient estimator.
+* ``occlusion_loop`` (opt-in, ``--occlusion``): the naive baseline for the cached step: the teacher's logits
+  and saliency precomputed as for ``tsd_cached_hand``, the student's saliency by per-timestep occlusion in a
+  Python loop (T student forward passes, each with one timestep zeroed, all kept in the autograd graph),
+  then the same CE + KD + 2 * pearson loss, backward and Adam step.
+
+``--scaling-from results_1thread.csv`` adds to the Markdown a log-log least-squares fit of cost vs T for
+the package's cached and live TSD steps, taken from that (already measured) CSV.
 
 Every variant runs one optimizer step per call; variants are interleaved round-robin (so a shared,
 noisy CPU slows all of them alike) after warm-up, and the median of the repeats is reported.
@@ -116,7 +123,26 @@ def build(T: int, device: torch.device, seed: int = 0):
     return teacher, student, x, y
 
 
-def make_variants(T: int, device: torch.device, with_ig: bool):
+def occlusion_saliency(model: nn.Module, x: torch.Tensor, target: torch.Tensor):
+    """Naive per-timestep occlusion: |logit_target(x) - logit_target(x with timestep t zeroed)| for each t,
+    one student forward per timestep in a Python loop, differentiable w.r.t. the student's parameters.
+    The occluded passes run with BatchNorm in eval mode (as the IG interpolants above)."""
+    logits = model(x)
+    ref = logits.gather(1, target[:, None])[:, 0]
+    bns = _bn_layers(model)
+    for m in bns:
+        m.eval()
+    cols = []
+    for t in range(x.shape[-1]):
+        x_occ = x.clone()
+        x_occ[..., t] = 0
+        cols.append((ref - model(x_occ).gather(1, target[:, None])[:, 0]).abs())
+    for m in bns:
+        m.train()
+    return logits, torch.stack(cols, 1)
+
+
+def make_variants(T: int, device: torch.device, with_ig: bool, with_occlusion: bool = False):
     teacher, student0, x, y = build(T, device)
     batch = {"x": x, "y": y, "index": torch.arange(32, device=device)}
     variants = {}
@@ -215,6 +241,21 @@ def make_variants(T: int, device: torch.device, with_ig: bool):
 
         variants[f"tsd_live_hand{suffix}"] = hand_step(False)
         variants[f"tsd_cached_hand{suffix}"] = hand_step(True)
+
+    if with_occlusion:  # naive baseline of the cached step: student saliency by a Python occlusion loop
+        s_occ = fresh_student()
+        opt_occ = torch.optim.Adam(s_occ.parameters(), lr=3e-3)
+        zt_o, st_o, tgt_o = hand_gradient_saliency(teacher, x, None, False)
+        zt_o, st_o = zt_o.detach(), st_o.detach()
+
+        def occlusion_step():
+            zs, ss = occlusion_saliency(s_occ, x, tgt_o)
+            loss = F.cross_entropy(zs, y) + kd_loss(zs, zt_o, TAU) + W_TSD * pearson_loss(ss, st_o)
+            opt_occ.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_occ.step()
+
+        variants["occlusion_loop"] = occlusion_step
     return variants, count_parameters(teacher), count_parameters(student0)
 
 
@@ -264,6 +305,18 @@ def main() -> None:
     parser.add_argument(
         "--only", nargs="+", default=None, help="keep variants whose name contains one of these"
     )
+    parser.add_argument(
+        "--occlusion",
+        action="store_true",
+        help="add the occlusion_loop baseline (T student forwards per step) at the --occlusion-lengths",
+    )
+    parser.add_argument("--occlusion-lengths", type=int, nargs="+", default=[512])
+    parser.add_argument(
+        "--scaling-from",
+        type=Path,
+        default=None,
+        help="a results CSV with T in {128, 512, 2048}: fit the cost-vs-T exponent of the package's TSD steps",
+    )
     parser.add_argument("--tag", default="", help="suffix of the results files (results{tag}.csv/.md)")
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args()
@@ -309,7 +362,12 @@ def main() -> None:
     params = (0, 0)
     for T in args.lengths:
         t0 = time.perf_counter()
-        variants, tp, sp = make_variants(T, device, with_ig=T <= args.ig_max_length)
+        variants, tp, sp = make_variants(
+            T,
+            device,
+            with_ig=T <= args.ig_max_length,
+            with_occlusion=args.occlusion and T in args.occlusion_lengths,
+        )
         params = (tp, sp)
         if args.only:
             variants = {k: v for k, v in variants.items() if any(o in k for o in args.only)}
@@ -343,10 +401,73 @@ def main() -> None:
                 f"  {name:22s} {med:9.2f} ms wall {cpu_rows[T][name]:9.2f} ms cpu (min {cpu_min_rows[T][name]:.2f})",
                 flush=True,
             )
-        write_markdown(md_path, header, all_rows, cpu_rows, cpu_min_rows, params, args.threads)
+        write_markdown(
+            md_path, header, all_rows, cpu_rows, cpu_min_rows, params, args.threads, args.scaling_from
+        )
 
 
-def write_markdown(path: Path, header: str, wall, cpu, cpu_min, params, threads: int) -> None:
+SCALING_VARIANTS = ["tsd_cached_pkg", "tsd_live_pkg", "tsd_cached_hand", "tsd_live_hand", "kd"]
+SCALING_TARGET = 1.1
+
+
+def fit_exponents(csv_path: Path, lengths=(128, 512, 2048)) -> dict[str, dict[str, float]]:
+    """Least-squares slope of log(cost) vs log(T) over ``lengths``, per variant and timing column."""
+    import numpy as np
+
+    with csv_path.open() as f:
+        rows = list(csv.DictReader(f))
+    out: dict[str, dict[str, float]] = {}
+    for v in SCALING_VARIANTS:
+        for col in ("cpu_min_ms", "cpu_median_ms", "median_ms"):
+            pts = {int(r["T"]): float(r[col]) for r in rows if r["variant"] == v and col in r}
+            if all(T in pts for T in lengths):
+                slope = np.polyfit(np.log(lengths), np.log([pts[T] for T in lengths]), 1)[0]
+                out.setdefault(v, {})[col] = float(slope)
+    return out
+
+
+def scaling_lines(csv_path: Path) -> list[str]:
+    exps = fit_exponents(csv_path)
+    if not exps:
+        return []
+    lines = [
+        f"## Cost vs T: fitted exponent (from `{csv_path.name}`)",
+        "",
+        "Slope of a least-squares line through (log T, log ms per step) at T = 128, 512, 2048 (cost ~ T^slope);",
+        f"target for the package's TSD steps: <= {SCALING_TARGET}. Not re-measured: read from the CSV above.",
+        "",
+        "| variant | CPU time, min | CPU time, median | wall-clock, median |",
+        "|---|---|---|---|",
+    ]
+    for v, e in exps.items():
+        cells = [f"{e[c]:.3f}" if c in e else "–" for c in ("cpu_min_ms", "cpu_median_ms", "median_ms")]
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def occlusion_lines(
+    cpu_min: dict[int, dict[str, float]], cpu: dict[int, dict[str, float]], wall
+) -> list[str]:
+    lines = []
+    for T, r in cpu_min.items():
+        if "occlusion_loop" in r and "tsd_cached_pkg" in r:
+            if not lines:
+                lines += [
+                    "## Package TSD step (cached teacher) vs the naive occlusion loop",
+                    "",
+                    "Speed-up = occlusion_loop / tsd_cached_pkg (same run, interleaved); target >= 100x.",
+                    "",
+                    "| T | CPU time, min | CPU time, median | wall-clock, median |",
+                    "|---|---|---|---|",
+                ]
+            cells = [f"{d[T]['occlusion_loop'] / d[T]['tsd_cached_pkg']:.0f}x" for d in (cpu_min, cpu, wall)]
+            lines.append(f"| {T} | " + " | ".join(cells) + " |")
+    return lines + ([""] if lines else [])
+
+
+def write_markdown(
+    path: Path, header: str, wall, cpu, cpu_min, params, threads: int, scaling_from: Path | None = None
+) -> None:
     tp, sp = params
     lines = [
         "# Training-step cost: plain PyTorch vs lightning-tsd",
@@ -366,6 +487,9 @@ def write_markdown(path: Path, header: str, wall, cpu, cpu_min, params, threads:
     ):
         lines += [f"## Milliseconds per step, {title}", ""]
         lines += _tables(rows)
+    lines += occlusion_lines(cpu_min, cpu, wall)
+    if scaling_from is not None and scaling_from.exists():
+        lines += scaling_lines(scaling_from)
     lines += [
         "Target: package / hand-written <= 1.15. The CPU was shared with other jobs (load average above),",
         "so wall-clock times are noisy; process CPU time is the steadier measure of the work each step does,",
