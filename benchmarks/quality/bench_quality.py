@@ -16,7 +16,13 @@ the numbers against ``substitution_report`` itself.
 Results are appended to ``results.csv`` one run at a time; runs already there are skipped, so the script
 resumes where it stopped. ``results.md`` and ``quality.png`` are rewritten from the CSV after every run.
 
-Usage: ``python benchmarks/quality/bench_quality.py [--seeds 0 1] [--datasets GunPoint ...] [--budget-min 25]``
+Usage: ``python benchmarks/quality/bench_quality.py [--seeds 0 1] [--datasets GunPoint ...] [--budget-min 25]
+[--student NarrowFCN|GRUClassifier] [--variants ce kd ...]``
+
+``--student`` picks the student family (default NarrowFCN; GRUClassifier with ``hidden_size=16``); it is
+recorded in the CSV's ``student`` column (rows written before that column existed are NarrowFCN; the CSV is
+rewritten once with the column added) and every summary table is split by it. The ``ce`` variant (the
+student alone, cross-entropy only) is not in the default ``--variants``: ask for it by name.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 DATASETS = ["GunPoint", "ArrowHead", "ItalyPowerDemand", "BasicMotions", "JapaneseVowels", "OSULeaf"]
 VARIANTS: dict[str, dict] = {
+    # the student alone: cross-entropy on the labels only (no KD term, no TSD term)
+    "ce": dict(base_loss="none", kd_weight=0.0, tsd_weight=0.0),
     "kd": dict(base_loss="kd", tsd_weight=0.0),
     "kd+tsd": dict(base_loss="kd", tsd_weight=2.0),  # package defaults: IG 8 steps, pearson, w=2
     "dkd": dict(base_loss="dkd", tsd_weight=0.0),
@@ -45,7 +53,7 @@ VARIANTS: dict[str, dict] = {
     "kd+tsd_w1_warm": dict(base_loss="kd", tsd_weight=1.0, tsd_warmup=0.3),
     "kd+tsd_w2_warm": dict(base_loss="kd", tsd_weight=2.0, tsd_warmup=0.3),
 }
-BASELINE_OF = {"kd+tsd": "kd", "kd+tsd_grad_cos": "kd", "dkd": "kd", "dkd+tsd": "dkd"}
+BASELINE_OF = {"kd": "ce", "kd+tsd": "kd", "kd+tsd_grad_cos": "kd", "dkd": "kd", "dkd+tsd": "dkd"}
 BASELINE_OF.update({v: "kd" for v in VARIANTS if v.startswith("kd+tsd_w")})
 # Candidates of the default-selection run (``--split val``): the rule is applied over these.
 SELECTION_VARIANTS = ["kd", "kd+tsd", "kd+tsd_w0.5", "kd+tsd_w1", "kd+tsd_w1_warm", "kd+tsd_w2_warm"]
@@ -53,6 +61,9 @@ SELECTION_MAX_AGREEMENT_LOSS = 0.01  # pooled mean d agreement vs kd must be >= 
 VAL_FRACTION = 0.25
 BINARY = {"GunPoint", "ItalyPowerDemand"}
 TEACHER = dict(num_filters=16, depth=3, kernel_size=40)  # reduced InceptionTime for the CPU budget
+# Student families (``--student``); rows written before the ``student`` column existed are NarrowFCN.
+STUDENTS: dict[str, dict] = {"NarrowFCN": {}, "GRUClassifier": dict(hidden_size=16)}
+DEFAULT_STUDENT = "NarrowFCN"
 FIELDS = [
     "dataset",
     "seed",
@@ -70,6 +81,7 @@ FIELDS = [
     "train_s",
     "eval_s",
     "steps",
+    "student",
 ]
 METRICS = ["student_acc", "agreement", "ig_spearman", "ig_topk", "kl"]
 
@@ -90,15 +102,43 @@ def trainer(**kwargs):
     )
 
 
-def done_runs(csv_path: Path) -> set[tuple[str, int, str]]:
+def student_of(row: dict) -> str:
+    """The student family of a CSV row (rows from before the ``student`` column are NarrowFCN)."""
+    return row.get("student") or DEFAULT_STUDENT
+
+
+def done_runs(csv_path: Path) -> set[tuple[str, str, int, str]]:
     if not csv_path.exists():
         return set()
     with csv_path.open() as f:
-        return {(r["dataset"], int(r["seed"]), r["variant"]) for r in csv.DictReader(f)}
+        return {(student_of(r), r["dataset"], int(r["seed"]), r["variant"]) for r in csv.DictReader(f)}
+
+
+def _ensure_columns(csv_path: Path, fields: list[str]) -> list[str]:
+    """Header of ``csv_path``, extended (file rewritten) with any of ``fields`` it lacks; old rows get
+    ``student=NarrowFCN`` and an empty value for other new columns. Returns the header to write with."""
+    with csv_path.open() as f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        missing = [k for k in fields if k not in header]
+        if not missing:
+            return header
+        rows = list(reader)
+    header += missing
+    tmp = csv_path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, header)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k) or (DEFAULT_STUDENT if k == "student" else "") for k in header})
+    tmp.replace(csv_path)
+    return header
 
 
 def append(csv_path: Path, row: dict, fields: list[str] = FIELDS) -> None:
     new = not csv_path.exists()
+    if not new:
+        fields = _ensure_columns(csv_path, fields)
     with csv_path.open("a", newline="") as f:
         w = csv.DictWriter(f, fields)
         if new:
@@ -201,8 +241,13 @@ def evaluate(teacher, student, dm, teacher_maps, check_report: bool, split: str 
 
 
 def run(args) -> None:
-    from lightning_tsd import TemporalSaliencyDistiller
-    from lightning_tsd.models import NarrowFCN, count_parameters
+    from lightning_tsd import TemporalSaliencyDistiller, models
+    from lightning_tsd.models import count_parameters
+
+    student_cls, student_kw = getattr(models, args.student), STUDENTS[args.student]
+
+    def make_student(dm):
+        return student_cls(dm.in_channels, dm.num_classes, **student_kw)
 
     csv_path = args.out / ("selection.csv" if args.split == "val" else "results.csv")
     done = done_runs(csv_path)
@@ -210,7 +255,7 @@ def run(args) -> None:
     checked = False
     for seed in args.seeds:
         for name in args.datasets:
-            todo = [v for v in args.variants if (name, seed, v) not in done]
+            todo = [v for v in args.variants if (args.student, name, seed, v) not in done]
             if name in BINARY:  # for K=2, DKD (alpha=1) is exactly KD: TCKD is the full KL, NCKD is 0
                 todo = [v for v in todo if not v.startswith("dkd")]
             if not todo:
@@ -225,11 +270,11 @@ def run(args) -> None:
                 dm, name, seed, args.cache_dir, args.teacher_epochs, args.split
             )
             torch.manual_seed(seed)
-            init = NarrowFCN(dm.in_channels, dm.num_classes).state_dict()
-            tp, sp = count_parameters(teacher), count_parameters(NarrowFCN(dm.in_channels, dm.num_classes))
+            init = make_student(dm).state_dict()
+            tp, sp = count_parameters(teacher), count_parameters(make_student(dm))
             assert sp * 10 <= tp, (sp, tp)
             for variant in todo:
-                student = NarrowFCN(dm.in_channels, dm.num_classes)
+                student = make_student(dm)
                 student.load_state_dict(init)
                 distiller = TemporalSaliencyDistiller(
                     teacher, student, teacher_cache=True, lr=args.student_lr, **VARIANTS[variant]
@@ -256,12 +301,13 @@ def run(args) -> None:
                     train_s=train_s,
                     eval_s=time.perf_counter() - t0,
                     steps=args.student_steps,
+                    student=args.student,
                     n_eval=len(eval_loader(dm, args.split).dataset),
                     **metrics,
                 )
                 append(csv_path, row, FIELDS + ["n_eval"] if args.split == "val" else FIELDS)
                 print(
-                    f"{name:16s} seed {seed} {variant:16s} acc {metrics['student_acc']:.3f} agree "
+                    f"{args.student} {name:16s} seed {seed} {variant:16s} acc {metrics['student_acc']:.3f} agree "
                     f"{metrics['agreement']:.3f} IG-rho {metrics['ig_spearman']:.3f} (teacher acc "
                     f"{metrics['teacher_acc']:.3f}, teacher fit {teacher_s:.0f}s, student {train_s:.1f}s, "
                     f"eval {row['eval_s']:.1f}s, total {time.perf_counter() - start:.0f}s)",
@@ -289,11 +335,13 @@ def summarize(out: Path) -> None:
         return
     with csv_path.open() as f:
         rows = list(csv.DictReader(f))
-    by = {(r["dataset"], int(r["seed"]), r["variant"]): r for r in rows}
-    datasets = [d for d in DATASETS if any(k[0] == d for k in by)] + sorted(
-        {k[0] for k in by} - set(DATASETS)
+    # key: (student, dataset, seed, variant); rows from before the student column are NarrowFCN
+    by_all = {(student_of(r), r["dataset"], int(r["seed"]), r["variant"]): r for r in rows}
+    students = [s for s in STUDENTS if any(k[0] == s for k in by_all)]
+    datasets = [d for d in DATASETS if any(k[1] == d for k in by_all)] + sorted(
+        {k[1] for k in by_all} - set(DATASETS)
     )
-    variants = [v for v in VARIANTS if any(k[2] == v for k in by)]
+    variants = [v for v in VARIANTS if any(k[3] == v for k in by_all)]
     lines = [
         "# Quality: does TSD improve the student's agreement with the teacher and its saliency alignment?",
         "",
@@ -302,10 +350,13 @@ def summarize(out: Path) -> None:
         "",
         f"Teacher: InceptionTime({', '.join(f'{k}={v}' for k, v in TEACHER.items())}) (reduced for the CPU budget),",
         "trained once per dataset and seed with `TimeSeriesClassifier` (AdamW 1e-3, batch 16) on the whole train split.",
-        "Student: NarrowFCN (8/16/8 filters, <= 1/10 of the teacher's parameters), `TemporalSaliencyDistiller`",
+        "Students (column *student*; every table is split by student family, pairs never mix families):",
+        "NarrowFCN (8/16/8 filters) and GRUClassifier (`hidden_size=16`, one layer, mean pooling), both",
+        "<= 1/10 of the teacher's parameters; `TemporalSaliencyDistiller`",
         "with `teacher_cache=True`, Adam 3e-3, batch 16, CE + base loss (+ w * L_TSD); the variants of one",
-        "(dataset, seed) share the student's initialisation and batch order.",
-        "Variants: `kd` (Hinton KD, tsd_weight=0); `kd+tsd` (package defaults: integrated gradients 8 steps,",
+        "(student, dataset, seed) share the student's initialisation and batch order.",
+        "Variants: `ce` (the student alone: cross-entropy only, base_loss='none', kd_weight=0, tsd_weight=0);",
+        "`kd` (Hinton KD, tsd_weight=0); `kd+tsd` (package defaults: integrated gradients 8 steps,",
         "pearson, w=2); `dkd` / `dkd+tsd` (decoupled KD base); `kd+tsd_grad_cos` (gradient saliency, cosine, w=2);",
         "`kd+tsd_w<w>[_warm]` (IG 8 steps, pearson, weight w, `_warm` = tsd_warmup=0.3), the weight/schedule sweep",
         "whose default is chosen on validation data in `selection.md`.",
@@ -316,81 +367,88 @@ def summarize(out: Path) -> None:
         "",
         "## Per dataset and variant",
         "",
-        "| dataset | variant | n | teacher acc | student acc | agreement | IG-rho | top-k overlap | KL |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| student | dataset | variant | n | teacher acc | student acc | agreement | IG-rho | top-k overlap | KL |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for d in datasets:
-        for v in variants:
-            rs = [r for k, r in by.items() if k[0] == d and k[2] == v]
-            if not rs:
-                continue
-            get = lambda key, rs=rs: [float(r[key]) for r in rs]  # noqa: E731
-            lines.append(
-                f"| {d} | {v} | {len(rs)} | {_ms(get('teacher_acc'))} | {_ms(get('student_acc'))} | "
-                f"{_ms(get('agreement'))} | {_ms(get('ig_spearman'))} | {_ms(get('ig_topk'))} | {_ms(get('kl'))} |"
-            )
+    for st in students:
+        for d in datasets:
+            for v in variants:
+                rs = [r for k, r in by_all.items() if k[0] == st and k[1] == d and k[3] == v]
+                if not rs:
+                    continue
+                get = lambda key, rs=rs: [float(r[key]) for r in rs]  # noqa: E731
+                lines.append(
+                    f"| {st} | {d} | {v} | {len(rs)} | {_ms(get('teacher_acc'))} | {_ms(get('student_acc'))} | "
+                    f"{_ms(get('agreement'))} | {_ms(get('ig_spearman'))} | {_ms(get('ig_topk'))} | {_ms(get('kl'))} |"
+                )
     lines += [
         "",
         "## Paired deltas vs the base method (variant − base, same seed; mean ± std over seeds)",
         "",
-        "Base: `kd` for `kd+tsd`, `kd+tsd_grad_cos` and `dkd`; `dkd` for `dkd+tsd`. Verdict: *helps* = the mean",
+        "Base: `ce` for `kd`; `kd` for `kd+tsd`, `kd+tsd_grad_cos`, `kd+tsd_w*` and `dkd`; `dkd` for `dkd+tsd`;",
+        "always the same student family. Verdict: *helps* = the mean",
         "delta of IG-rho exceeds its std over seeds and agreement drops by no more than 0.02 on average;",
         "*alignment up, agreement down* = IG-rho up but agreement down by more than 0.02; *hurts* = IG-rho down.",
         "With 2-3 seeds these verdicts are indicative only. DKD variants are not run on the binary sets",
         "(GunPoint, ItalyPowerDemand): with K=2 and alpha=1, DKD is exactly KD (TCKD is the full KL, NCKD is 0).",
         "",
-        "| dataset | variant | base | n | d student acc | d agreement | d IG-rho | d top-k | verdict |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| student | dataset | variant | base | n | d student acc | d agreement | d IG-rho | d top-k | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    deltas: dict[tuple[str, str], dict[str, list[float]]] = {}
-    for d in datasets + ["all"]:
-        for v in variants:
-            base = BASELINE_OF.get(v)
-            if base is None:
-                continue
-            pairs = [
-                (r, by[(k[0], k[1], base)])
-                for k, r in by.items()
-                if (d == "all" or k[0] == d) and k[2] == v and (k[0], k[1], base) in by
-            ]
-            if not pairs:
-                continue
-            dd = {m: [float(a[m]) - float(b[m]) for a, b in pairs] for m in METRICS}
-            deltas[(d, v)] = dd
-            rho, agr = dd["ig_spearman"], dd["agreement"]
-            sd = np.std(rho, ddof=1) if len(rho) > 1 else float("inf")
-            rho_up = np.mean(rho) > sd
-            rho_down = np.mean(rho) < -sd
-            agr_down = np.mean(agr) < -0.02
-            if rho_up:
-                verdict = "alignment up, agreement down" if agr_down else "helps"
-            elif rho_down:
-                verdict = "hurts"
-            else:
-                verdict = "no clear effect" + (", agreement down" if agr_down else "")
-            label = "**all (pooled)**" if d == "all" else d
-            lines.append(
-                f"| {label} | {v} | {base} | {len(pairs)} | {_ms(dd['student_acc'])} | {_ms(dd['agreement'])} | "
-                f"{_ms(dd['ig_spearman'])} | {_ms(dd['ig_topk'])} | {verdict} |"
-            )
+    deltas_of: dict[str, dict[tuple[str, str], dict[str, list[float]]]] = {}
+    for st in students:
+        by = {k[1:]: r for k, r in by_all.items() if k[0] == st}
+        deltas = deltas_of.setdefault(st, {})
+        for d in datasets + ["all"]:
+            for v in variants:
+                base = BASELINE_OF.get(v)
+                if base is None:
+                    continue
+                pairs = [
+                    (r, by[(k[0], k[1], base)])
+                    for k, r in by.items()
+                    if (d == "all" or k[0] == d) and k[2] == v and (k[0], k[1], base) in by
+                ]
+                if not pairs:
+                    continue
+                dd = {m: [float(a[m]) - float(b[m]) for a, b in pairs] for m in METRICS}
+                deltas[(d, v)] = dd
+                rho, agr = dd["ig_spearman"], dd["agreement"]
+                sd = np.std(rho, ddof=1) if len(rho) > 1 else float("inf")
+                rho_up = np.mean(rho) > sd
+                rho_down = np.mean(rho) < -sd
+                agr_down = np.mean(agr) < -0.02
+                if rho_up:
+                    verdict = "alignment up, agreement down" if agr_down else "helps"
+                elif rho_down:
+                    verdict = "hurts"
+                else:
+                    verdict = "no clear effect" + (", agreement down" if agr_down else "")
+                label = "**all (pooled)**" if d == "all" else d
+                lines.append(
+                    f"| {st} | {label} | {v} | {base} | {len(pairs)} | {_ms(dd['student_acc'])} | {_ms(dd['agreement'])} | "
+                    f"{_ms(dd['ig_spearman'])} | {_ms(dd['ig_topk'])} | {verdict} |"
+                )
     times = [float(r["train_s"]) for r in rows]
     lines += [
         "",
         f"{len(rows)} student runs; student fit time {sum(times):.0f}s in all "
-        f"(median per variant: "
+        f"(median per student and variant: "
         + ", ".join(
-            f"{v} {np.median([float(r['train_s']) for r in rows if r['variant'] == v]):.1f}s"
+            f"{st} {v} {np.median(ts):.1f}s"
+            for st in students
             for v in variants
+            if (ts := [float(r["train_s"]) for r in rows if r["variant"] == v and student_of(r) == st])
         )
         + ").",
         "",
         "![paired deltas](quality.png)",
         "",
     ]
-    lines += _win_tie_loss(datasets, deltas)
-    lines += _wilcoxon(deltas)
+    lines += _win_tie_loss(datasets, deltas_of)
+    lines += _wilcoxon(deltas_of)
     (out / "results.md").write_text("\n".join(lines))
-    plot(out, datasets, deltas)
+    plot(out, datasets, deltas_of)
 
 
 TIE = 0.01  # |delta| below this counts as a tie
@@ -402,9 +460,8 @@ def _wtl(vals: list[float]) -> str:
     return f"{w}/{len(vals) - w - lo}/{lo}"
 
 
-def _win_tie_loss(datasets: list[str], deltas) -> list[str]:
-    """Wins/ties/losses of each X+TSD variant vs its base X, per dataset (over seeds) and pooled."""
-    tsd = [v for v in BASELINE_OF if "tsd" in v and any(k[1] == v for k in deltas)]
+def _win_tie_loss(datasets: list[str], deltas_of) -> list[str]:
+    """Wins/ties/losses of each X+TSD variant vs its base X, per student, dataset (over seeds) and pooled."""
     lines = [
         "## Wins / ties / losses of X+TSD vs X (per seed pair)",
         "",
@@ -412,30 +469,32 @@ def _win_tie_loss(datasets: list[str], deltas) -> list[str]:
         f">= {TIE}, tie = |delta| < {TIE}, loss = delta <= -{TIE}, written W/T/L. *all (pairs)* sums the",
         "per-dataset counts; *all (datasets)* counts datasets by their mean delta over seeds.",
         "",
-        "| dataset | variant | base | n | agreement W/T/L | IG-rho W/T/L |",
-        "|---|---|---|---|---|---|",
+        "| student | dataset | variant | base | n | agreement W/T/L | IG-rho W/T/L |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for v in tsd:
-        for d in datasets + ["all"]:
-            dd = deltas.get((d, v))
-            if not dd:
-                continue
-            label = "**all (pairs)**" if d == "all" else d
-            lines.append(
-                f"| {label} | {v} | {BASELINE_OF[v]} | {len(dd['agreement'])} | {_wtl(dd['agreement'])} | "
-                f"{_wtl(dd['ig_spearman'])} |"
-            )
-        per_ds = [deltas[(d, v)] for d in datasets if (d, v) in deltas]
-        if per_ds:
-            agr = [float(np.mean(dd["agreement"])) for dd in per_ds]
-            rho = [float(np.mean(dd["ig_spearman"])) for dd in per_ds]
-            lines.append(
-                f"| **all (datasets)** | {v} | {BASELINE_OF[v]} | {len(per_ds)} | {_wtl(agr)} | {_wtl(rho)} |"
-            )
+    for st, deltas in deltas_of.items():
+        tsd = [v for v in BASELINE_OF if "tsd" in v and any(k[1] == v for k in deltas)]
+        for v in tsd:
+            for d in datasets + ["all"]:
+                dd = deltas.get((d, v))
+                if not dd:
+                    continue
+                label = "**all (pairs)**" if d == "all" else d
+                lines.append(
+                    f"| {st} | {label} | {v} | {BASELINE_OF[v]} | {len(dd['agreement'])} | {_wtl(dd['agreement'])} | "
+                    f"{_wtl(dd['ig_spearman'])} |"
+                )
+            per_ds = [deltas[(d, v)] for d in datasets if (d, v) in deltas]
+            if per_ds:
+                agr = [float(np.mean(dd["agreement"])) for dd in per_ds]
+                rho = [float(np.mean(dd["ig_spearman"])) for dd in per_ds]
+                lines.append(
+                    f"| {st} | **all (datasets)** | {v} | {BASELINE_OF[v]} | {len(per_ds)} | {_wtl(agr)} | {_wtl(rho)} |"
+                )
     return lines + [""]
 
 
-def _wilcoxon(deltas) -> list[str]:
+def _wilcoxon(deltas_of) -> list[str]:
     """Paired Wilcoxon signed-rank test over all (dataset, seed) pairs of each variant vs its base."""
     from scipy.stats import wilcoxon
 
@@ -447,24 +506,25 @@ def _wilcoxon(deltas) -> list[str]:
         "of the signed-rank sums; p from scipy's default `method='auto'` (exact for small n without zeros",
         "or ties, else the normal approximation). No correction for the multiple tests (2 metrics x variants).",
         "",
-        "| variant | base | n | metric | n != 0 | median delta | statistic | p |",
-        "|---|---|---|---|---|---|---|---|",
+        "| student | variant | base | n | metric | n != 0 | median delta | statistic | p |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for v in BASELINE_OF:
-        dd = deltas.get(("all", v))
-        if not dd:
-            continue
-        for metric, name in (("agreement", "agreement"), ("ig_spearman", "IG-rho")):
-            vals = np.asarray(dd[metric])
-            nz = int(np.count_nonzero(vals))
-            if nz == 0:
-                stat, p = "–", "–"
-            else:
-                res = wilcoxon(vals, zero_method="wilcox", alternative="two-sided")
-                stat, p = f"{res.statistic:.1f}", f"{res.pvalue:.2g}"
-            lines.append(
-                f"| {v} | {BASELINE_OF[v]} | {len(vals)} | {name} | {nz} | {np.median(vals):+.3f} | {stat} | {p} |"
-            )
+    for st, deltas in deltas_of.items():
+        for v in BASELINE_OF:
+            dd = deltas.get(("all", v))
+            if not dd:
+                continue
+            for metric, name in (("agreement", "agreement"), ("ig_spearman", "IG-rho")):
+                vals = np.asarray(dd[metric])
+                nz = int(np.count_nonzero(vals))
+                if nz == 0:
+                    stat, p = "–", "–"
+                else:
+                    res = wilcoxon(vals, zero_method="wilcox", alternative="two-sided")
+                    stat, p = f"{res.statistic:.1f}", f"{res.pvalue:.2g}"
+                lines.append(
+                    f"| {st} | {v} | {BASELINE_OF[v]} | {len(vals)} | {name} | {nz} | {np.median(vals):+.3f} | {stat} | {p} |"
+                )
     return lines + [""]
 
 
@@ -607,17 +667,26 @@ def summarize_selection(out: Path) -> None:
     (out / "selection.md").write_text("\n".join(lines))
 
 
-def plot(out: Path, datasets: list[str], deltas) -> None:
+def plot(out: Path, datasets: list[str], deltas_of) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    variants = [v for v in BASELINE_OF if any(k[1] == v for k in deltas)]
+    # one bar series per (student, variant); the label names the family unless it is the default one
+    deltas, variants, labels = {}, [], {}
+    for st, dd in deltas_of.items():
+        for v in BASELINE_OF:
+            if not any(k[1] == v for k in dd):
+                continue
+            key = v if st == DEFAULT_STUDENT else f"{v} [{st}]"
+            variants.append(key)
+            labels[key] = f"{v} − {BASELINE_OF[v]}" + ("" if st == DEFAULT_STUDENT else f" ({st})")
+            deltas.update({(d, key): x for (d, vv), x in dd.items() if vv == v})
     if not variants:
         return
     cols = datasets + ["all"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     width = 0.8 / len(variants)
     for ax, metric, title in zip(axes, ("ig_spearman", "agreement"), ("Δ IG-rho (Spearman)", "Δ agreement")):
         for i, v in enumerate(variants):
@@ -628,12 +697,15 @@ def plot(out: Path, datasets: list[str], deltas) -> None:
                     xs.append(j + (i - (len(variants) - 1) / 2) * width)
                     ms.append(np.mean(vals))
                     ss.append(np.std(vals, ddof=1) if len(vals) > 1 else 0.0)
-            ax.bar(xs, ms, width, yerr=ss, capsize=2, label=f"{v} − {BASELINE_OF[v]}")
+            ax.bar(xs, ms, width, yerr=ss, capsize=2, label=labels[v])
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
         ax.set_title(title + " vs base, paired, mean ± std over seeds")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    # legend below the panels (inside, it hid bars once the GRU series were added)
+    handles, names = axes[0].get_legend_handles_labels()
+    ncol = min(4, len(names))
+    fig.legend(handles, names, fontsize=8, loc="lower center", ncol=ncol)
+    fig.tight_layout(rect=(0, 0.06 * (-(-len(names) // ncol)), 1, 1))
     fig.savefig(out / "quality.png", dpi=110)
     plt.close(fig)
 
@@ -642,7 +714,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--datasets", nargs="+", default=DATASETS[:5])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--variants", nargs="+", default=[v for v in VARIANTS if v != "ce"], choices=list(VARIANTS)
+    )
+    parser.add_argument(
+        "--student",
+        default=DEFAULT_STUDENT,
+        choices=list(STUDENTS),
+        help="student family (GRUClassifier: hidden_size=16); recorded in the CSV's student column",
+    )
     parser.add_argument("--teacher-epochs", type=int, default=30)
     parser.add_argument("--student-steps", type=int, default=200)
     parser.add_argument("--student-lr", type=float, default=3e-3)
