@@ -114,8 +114,12 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
                 "lightning_tsd.save_teacher, or load it yourself if you trust the file."
             ) from err
         raise CorruptCheckpointError(f"cannot read checkpoint {path}: {err}") from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CorruptCheckpointError(f"cannot read checkpoint {path}: it is truncated or corrupt ({err})") from err
+    except Exception as err:  # noqa: BLE001 - damaged bytes make the unpickler fail in arbitrary ways
+        # Random or truncated bytes reach the unpickler's internals: IndexError, KeyError, struct.error,
+        # UnicodeDecodeError, EOFError, RuntimeError ... all mean the same thing to the user.
+        raise CorruptCheckpointError(
+            f"cannot read checkpoint {path}: it is truncated or corrupt ({type(err).__name__}: {err})"
+        ) from err
 
 
 def load_teacher(path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module:

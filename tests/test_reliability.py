@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import random
 import subprocess
 import sys
 import warnings
@@ -235,7 +236,7 @@ def test_checkpoint_io_refuses_corrupt_and_unsafe_files(tmp_path):
     io = AtomicCheckpointIO()
     assert io.load_checkpoint(tmp_path / "last.ckpt")["global_step"] == 1
 
-    for name, content in {"truncated": good[: len(good) // 2], "garbage": os.urandom(256), "empty": b""}.items():
+    for name, content in {"truncated": good[: len(good) // 2], "garbage": random.Random(0).randbytes(256), "empty": b""}.items():
         (tmp_path / f"{name}.ckpt").write_bytes(content)
         with pytest.raises(CorruptCheckpointError, match="truncated or corrupt|cannot read"):
             io.load_checkpoint(tmp_path / f"{name}.ckpt")
@@ -246,6 +247,14 @@ def test_checkpoint_io_refuses_corrupt_and_unsafe_files(tmp_path):
             )
         with pytest.raises(CorruptCheckpointError):
             load_teacher(tmp_path / f"{name}.ckpt")
+
+    # Any damaged file is refused with one of our two errors, never an unpickler internal (IndexError, ...).
+    # A random file whose first byte happens to be a GLOBAL opcode names code to import: "unsafe" is right.
+    for seed in range(300):
+        junk = random.Random(seed).randbytes(random.Random(seed).randint(1, 512))
+        (tmp_path / "junk.ckpt").write_bytes(junk)
+        with pytest.raises((CorruptCheckpointError, UnsafeCheckpointError)):
+            io.load_checkpoint(tmp_path / "junk.ckpt")
 
     marker = tmp_path / "pwned"
 
