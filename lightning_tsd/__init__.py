@@ -11,7 +11,11 @@ Example:
 
 from lightning_tsd._batch import InvalidBatchError, NonFiniteLossError
 from lightning_tsd.cache import TeacherCache, TeacherCacheError
-from lightning_tsd.callbacks import SaliencyAlignmentMonitor, SaliencyMapLogger
+from lightning_tsd.callbacks import (
+    ReduceTSDWeightOnAgreementDrop,
+    SaliencyAlignmentMonitor,
+    SaliencyMapLogger,
+)
 from lightning_tsd.checkpoint import (
     CorruptCheckpointError,
     UnsafeCheckpointError,
@@ -38,6 +42,7 @@ __all__ = [
     "ESTIMATORS",
     "AtomicCheckpointIO",
     "NonFiniteLossError",
+    "ReduceTSDWeightOnAgreementDrop",
     "CorruptCheckpointError",
     "IndexedDataset",
     "InvalidBatchError",

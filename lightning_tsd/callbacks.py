@@ -393,3 +393,116 @@ class SaliencyMapLogger(Callback):
             self._png_dir.mkdir(parents=True, exist_ok=True)
             for i, fig in enumerate(figures):
                 fig.savefig(self._png_dir / f"epoch={trainer.current_epoch}_sample={i}.png")
+
+
+class ReduceTSDWeightOnAgreementDrop(Callback):
+    """Lower the TSD weight when the student's agreement with its teacher drops (like ``ReduceLROnPlateau``).
+
+    The TSD term can buy saliency alignment with top-1 agreement (the benchmarks in ``benchmarks/results``
+    measure it). This callback watches an agreement metric and, when it has been more than ``tolerance``
+    below the best value seen for more than ``patience`` consecutive checks, multiplies the TSD weight by
+    ``factor`` (through the distiller's ``tsd_weight_scale``); the best value is then reset to the current
+    one, so a further drop is needed for a further cut. A scale below ``min_scale`` switches the TSD term off.
+
+    It checks after each validation epoch, or at the end of each training epoch when ``monitor`` starts with
+    ``"train/"`` (``TemporalSaliencyDistiller`` logs ``train/agreement``, the top-1 agreement of the epoch's
+    training batches, and ``val/agreement``). Under DDP, rank 0 decides and broadcasts, so all ranks keep the
+    same weight. The scale, best value and wait count are saved in checkpoints and restored on resume.
+    The weight in use is logged as ``train/tsd_weight``; ``history`` lists ``(epoch, value, scale)`` per check.
+
+    Args:
+        monitor: the logged agreement metric (higher is better).
+        factor: multiplier of the TSD weight at each cut, in ``(0, 1)``.
+        tolerance: how far below the best value the metric may fall before it counts as a drop.
+        patience: drops tolerated in a row before a cut (0: cut at the first drop).
+        min_scale: below this scale the TSD term is switched off (scale 0).
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> guard = ReduceTSDWeightOnAgreementDrop(monitor="val/agreement", factor=0.5, tolerance=0.02)
+        >>> trainer = Trainer(callbacks=[guard], logger=False, enable_progress_bar=False)
+    """
+
+    def __init__(
+        self,
+        monitor: str = "val/agreement",
+        factor: float = 0.5,
+        tolerance: float = 0.01,
+        patience: int = 0,
+        min_scale: float = 0.05,
+    ) -> None:
+        if not 0.0 < factor < 1.0:
+            raise ValueError(f"factor must lie in (0, 1), got {factor}")
+        if tolerance < 0 or patience < 0 or min_scale < 0:
+            raise ValueError(
+                f"tolerance, patience and min_scale must be >= 0, got {tolerance}, {patience}, {min_scale}"
+            )
+        self.monitor = monitor
+        self.factor = factor
+        self.tolerance = tolerance
+        self.patience = patience
+        self.min_scale = min_scale
+        self.scale = 1.0
+        self.best: float | None = None
+        self.wait = 0
+        self.history: list[tuple[int, float, float]] = []  # (epoch, monitored value, scale after the check)
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(monitor=self.monitor)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scale": self.scale, "best": self.best, "wait": self.wait, "history": list(self.history)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.scale = float(state_dict["scale"])
+        self.best = state_dict["best"]
+        self.wait = int(state_dict["wait"])
+        self.history = [tuple(h) for h in state_dict.get("history", [])]
+
+    @staticmethod
+    def _check_module(pl_module: LightningModule) -> None:
+        if not hasattr(pl_module, "tsd_weight_scale"):
+            raise MisconfigurationException(
+                "ReduceTSDWeightOnAgreementDrop needs a module with a `tsd_weight_scale` attribute that "
+                f"multiplies its TSD weight (TemporalSaliencyDistiller has one); {type(pl_module).__name__} has not"
+            )
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._check_module(pl_module)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pl_module.tsd_weight_scale = self.scale  # after a checkpoint restored this callback's state
+
+    def _on_train_metric(self) -> bool:
+        return self.monitor.startswith("train/")
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._on_train_metric():
+            self._check(trainer, pl_module)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._on_train_metric() and not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._check(trainer, pl_module)
+
+    def _check(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            raise MisconfigurationException(
+                f"ReduceTSDWeightOnAgreementDrop monitors {self.monitor!r}, which was not logged; logged: "
+                f"{sorted(trainer.callback_metrics)}"
+            )
+        current = float(value)
+        if self.best is None or current > self.best:
+            self.best, self.wait = current, 0
+        elif current < self.best - self.tolerance:
+            self.wait += 1
+            if self.wait > self.patience:
+                self.scale *= self.factor
+                if self.scale < self.min_scale:
+                    self.scale = 0.0
+                self.best, self.wait = current, 0
+        # rank 0 decides: every rank then trains with the same weight even if its logged value differed
+        self.scale, self.best, self.wait = trainer.strategy.broadcast((self.scale, self.best, self.wait), src=0)
+        self.history.append((trainer.current_epoch, current, self.scale))
+        pl_module.tsd_weight_scale = self.scale

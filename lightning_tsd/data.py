@@ -163,6 +163,19 @@ def _stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.nda
     return np.setdiff1d(np.arange(len(y)), val), val
 
 
+def _stratified_fold(y: np.ndarray, num_folds: int, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded stratified k-fold: split ``range(len(y))`` into (train, val) with ``val`` = fold ``fold`` of
+    ``num_folds``. Each class is shuffled and cut into ``num_folds`` near-equal parts, so the folds are
+    disjoint, cover every sample once, and hold each class in proportion."""
+    rng = np.random.default_rng(seed)
+    val = [
+        np.array_split(rng.permutation(idx), num_folds)[fold]
+        for idx in (np.flatnonzero(y == c) for c in np.unique(y))
+    ]
+    val = np.sort(np.concatenate(val))
+    return np.setdiff1d(np.arange(len(y)), val), val
+
+
 def _load_aeon(name: str, extract_path: str | None) -> _Raw:
     from aeon.datasets import load_classification
 
@@ -203,6 +216,12 @@ class UCRDataModule(L.LightningDataModule):
         name: a UCR/UEA dataset name; those in :data:`BUNDLED_DATASETS` load offline, others are downloaded.
         batch_size: samples per batch.
         val_fraction: share of each class of the train split held out for validation, in ``[0, 1)``.
+            Ignored when ``cv_folds`` is set.
+        cv_folds: cross-validation on small train splits: cut the train split into this many stratified,
+            seeded, disjoint folds (>= 2) and validate on fold ``fold``, training on the others. Running
+            ``fold=0..cv_folds-1`` validates every training series exactly once. ``None`` (default) uses
+            ``val_fraction`` instead.
+        fold: which fold validates, in ``[0, cv_folds)``.
         normalize: z-normalise each series and channel over its real steps.
         seed: seed of the split and of the training shuffle.
         num_workers: ``DataLoader`` worker processes.
@@ -227,10 +246,18 @@ class UCRDataModule(L.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         extract_path: str | None = None,
+        cv_folds: int | None = None,
+        fold: int = 0,
     ) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+        if cv_folds is not None and (int(cv_folds) != cv_folds or cv_folds < 2):
+            raise ValueError(f"cv_folds must be an integer >= 2 (or None), got {cv_folds}")
+        if cv_folds is not None and not 0 <= fold < cv_folds:
+            raise ValueError(f"fold must lie in [0, cv_folds={cv_folds}), got {fold}")
+        self.cv_folds = cv_folds
+        self.fold = fold
         self.save_hyperparameters()
         self.name = name
         self.batch_size = batch_size
@@ -313,14 +340,20 @@ class UCRDataModule(L.LightningDataModule):
         def subset(idx: np.ndarray) -> TimeSeriesDataset:
             return TimeSeriesDataset(x[idx], y_all[idx], None if mask is None else mask[idx], index=idx)
 
-        train_idx, val_idx = _stratified_split(y_all[:n], self.val_fraction, self.seed)
-        if self.val_fraction > 0 and len(val_idx) == 0:
-            raise ValueError(
-                f"val_fraction={self.val_fraction} holds out no sample of {n}; raise it, or use 0 to validate on test"
-            )
+        if self.cv_folds is not None:
+            if n < self.cv_folds:
+                raise ValueError(f"cv_folds={self.cv_folds} needs at least as many training series; got {n}")
+            train_idx, val_idx = _stratified_fold(y_all[:n], self.cv_folds, self.fold, self.seed)
+        else:
+            train_idx, val_idx = _stratified_split(y_all[:n], self.val_fraction, self.seed)
+            if self.val_fraction > 0 and len(val_idx) == 0:
+                raise ValueError(
+                    f"val_fraction={self.val_fraction} holds out no sample of {n}; raise it, or use 0 to validate on test"
+                )
         self.train_dataset = subset(train_idx)
         self.test_dataset = subset(np.arange(n, len(series))) if x_test is not None else None
-        self.val_dataset = subset(val_idx) if self.val_fraction > 0 else self.test_dataset
+        holds_out = self.cv_folds is not None or self.val_fraction > 0
+        self.val_dataset = subset(val_idx) if holds_out else self.test_dataset
         self.classes_ = classes
 
     def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:

@@ -176,6 +176,11 @@ class TemporalSaliencyDistiller(pl.LightningModule):
             teacher_cache if isinstance(teacher_cache, TeacherCache) else TeacherCache() if teacher_cache else None
         )
         self.metrics = nn.ModuleDict({stage: self._stage_metrics() for stage in ("val", "test")})
+        # top-1 agreement of the training batches, logged per epoch as train/agreement (synced across ranks)
+        self.train_agreement = TeacherAgreement()
+        # multiplies tsd_weight; lowered by callbacks such as ReduceTSDWeightOnAgreementDrop
+        self.tsd_weight_scale = 1.0
+        self._last_logits: tuple[Tensor, Tensor] | None = None
         self.skipped_batches = 0  # training batches skipped by on_bad_batch="skip" (all ranks agree)
         self._good_batches_since_step = 0
 
@@ -297,8 +302,9 @@ class TemporalSaliencyDistiller(pl.LightningModule):
             raise ValueError(f"the {who} returned {logits.shape[1]} classes but {self.num_classes} were expected")
 
     def current_tsd_weight(self) -> float:
-        """``w_tsd`` at this step: 0 off the ``tsd_every_n_steps`` grid, ramped during the warm-up."""
-        weight = float(self.hparams.tsd_weight)
+        """``w_tsd`` at this step: 0 off the ``tsd_every_n_steps`` grid, ramped during the warm-up, times
+        ``tsd_weight_scale`` (1 unless a callback lowered it)."""
+        weight = float(self.hparams.tsd_weight) * self.tsd_weight_scale
         if weight == 0 or self.global_step % self.hparams.tsd_every_n_steps:
             return 0.0
         warmup = self.hparams.tsd_warmup
@@ -393,6 +399,10 @@ class TemporalSaliencyDistiller(pl.LightningModule):
 
         self._good_batches_since_step += 1
         batch_size = b.x.shape[0]
+        if self._last_logits is not None:
+            self.train_agreement.update(*self._last_logits)
+            self.log("train/agreement", self.train_agreement, on_step=False, on_epoch=True, batch_size=batch_size)
+            self._last_logits = None
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         for name, value in parts.items():
             self.log(f"train/{name}", value.detach(), batch_size=batch_size)
@@ -436,6 +446,7 @@ class TemporalSaliencyDistiller(pl.LightningModule):
         if base is not None:
             parts["kd"] = base
 
+        self._last_logits = (student_logits.detach(), teacher_logits.detach())
         weights = {"ce": self.hparams.ce_weight, "kd": self.hparams.kd_weight, "tsd": tsd_weight}
         loss = sum(weights[name] * value for name, value in parts.items())
         if "ce" not in parts and "kd" not in parts:
@@ -449,6 +460,7 @@ class TemporalSaliencyDistiller(pl.LightningModule):
         gradient all-reduce runs as usual and nobody waits), and ``on_before_optimizer_step`` drops the
         (zero) gradients so the optimizer changes nothing, its state included."""
         self.skipped_batches += 1
+        self._last_logits = None  # a skipped batch does not count towards train/agreement
         where = reason if reason is not None else "a non-finite input or loss on another process"
         rank_zero_warn(
             f"on_bad_batch='skip': skipping {self._where(batch_idx)}: {where} "

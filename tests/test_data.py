@@ -108,6 +108,34 @@ def test_split_is_stratified_and_seeded():
     assert not torch.equal(dm.val_dataset.index, module("OSULeaf", seed=1).val_dataset.index)
 
 
+@pytest.mark.parametrize("name,k", [("ArrowHead", 3), ("GunPoint", 5)])
+def test_cross_validation_folds_are_disjoint_stratified_and_cover_the_train_split(name, k):
+    folds = [module(name, cv_folds=k, fold=f, seed=7) for f in range(k)]
+    val = [set(dm.val_dataset.index.tolist()) for dm in folds]
+    n_train = len(folds[0].train_dataset) + len(folds[0].val_dataset)
+    assert sum(len(v) for v in val) == n_train  # disjoint ...
+    assert set().union(*val) == set(range(n_train))  # ... and covering every training series once
+    for dm, v in zip(folds, val):
+        assert set(dm.train_dataset.index.tolist()) == set(range(n_train)) - v  # trains on the others
+        # stratified: each class in each fold within one series of its share of that class
+        y_all = torch.cat([dm.train_dataset.y, dm.val_dataset.y]).numpy()
+        share = np.bincount(y_all, minlength=dm.num_classes) / k
+        counts = np.bincount(dm.val_dataset.y.numpy(), minlength=dm.num_classes)
+        assert np.all(np.abs(counts - share) < 1), (counts, share)
+    again = module(name, cv_folds=k, fold=1, seed=7)
+    assert torch.equal(again.val_dataset.index, folds[1].val_dataset.index)  # seeded
+    assert not torch.equal(module(name, cv_folds=k, fold=1, seed=8).val_dataset.index, folds[1].val_dataset.index)
+
+
+def test_cross_validation_options_are_checked():
+    for bad in ({"cv_folds": 1}, {"cv_folds": 2.5}, {"cv_folds": 3, "fold": 3}, {"cv_folds": 3, "fold": -1}):
+        with pytest.raises(ValueError, match="cv_folds|fold"):
+            UCRDataModule("GunPoint", **bad)
+    tiny = UCRDataModule.from_arrays(np.random.default_rng(0).normal(size=(3, 1, 8)), [0, 1, 0], cv_folds=4)
+    with pytest.raises(ValueError, match="cv_folds=4 needs at least"):
+        tiny.setup()
+
+
 def test_train_loader_shuffles_reproducibly_and_eval_loaders_do_not():
     def order(loader):
         return torch.cat([b["index"] for b in loader]).tolist()

@@ -13,8 +13,10 @@ method_kwargs={"n_steps": 32})`` computes; the teacher's maps are computed once 
 the same function (``_temporal_attribution``) and reused for every student, and the first run checks
 the numbers against ``substitution_report`` itself.
 
-Results are appended to ``results.csv`` one run at a time; runs already there are skipped, so the script
-resumes where it stopped. ``results.md`` and ``quality.png`` are rewritten from the CSV after every run.
+Results go to ``benchmarks/results/``: appended to ``quality.csv`` one run at a time (runs already there are
+skipped, so the script resumes where it stopped); ``quality.md`` and ``quality.png`` are rewritten from the
+CSV after every run. ``--split cv`` runs the default selection on cross-validation folds of the train split
+instead (``selection.csv`` / ``selection.md``).
 
 Usage: ``python benchmarks/quality/bench_quality.py [--seeds 0 1] [--datasets GunPoint ...] [--budget-min 25]
 [--student NarrowFCN|GRUClassifier] [--variants ce kd ...]``
@@ -39,25 +41,39 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 DATASETS = ["GunPoint", "ArrowHead", "ItalyPowerDemand", "BasicMotions", "JapaneseVowels", "OSULeaf"]
+# The TSD settings of ``kd+tsd`` / ``dkd+tsd``: the package's defaults (checked against
+# ``TemporalSaliencyDistiller``'s signature at start-up, so the tables cannot silently describe old defaults).
+DEFAULT_TSD = dict(saliency="integrated_gradients", alignment="pearson", tsd_weight=0.5, saliency_target="teacher")
 VARIANTS: dict[str, dict] = {
     # the student alone: cross-entropy on the labels only (no KD term, no TSD term)
     "ce": dict(base_loss="none", kd_weight=0.0, tsd_weight=0.0),
     "kd": dict(base_loss="kd", tsd_weight=0.0),
-    "kd+tsd": dict(base_loss="kd", tsd_weight=2.0),  # package defaults: IG 8 steps, pearson, w=2
+    "kd+tsd": dict(base_loss="kd", **DEFAULT_TSD),  # package defaults: IG 8 steps, pearson, w=0.5
+    "kd+tsd_grad": dict(base_loss="kd", **{**DEFAULT_TSD, "saliency": "gradient"}),
     "dkd": dict(base_loss="dkd", tsd_weight=0.0),
-    "dkd+tsd": dict(base_loss="dkd", tsd_weight=2.0),
-    "kd+tsd_grad_cos": dict(base_loss="kd", tsd_weight=2.0, saliency="gradient", alignment="cosine"),
-    # weight / schedule sweep (IG 8 steps, pearson, as the package defaults; only w and the warm-up change)
-    "kd+tsd_w0.5": dict(base_loss="kd", tsd_weight=0.5),
-    "kd+tsd_w1": dict(base_loss="kd", tsd_weight=1.0),
-    "kd+tsd_w1_warm": dict(base_loss="kd", tsd_weight=1.0, tsd_warmup=0.3),
-    "kd+tsd_w2_warm": dict(base_loss="kd", tsd_weight=2.0, tsd_warmup=0.3),
+    "dkd+tsd": dict(base_loss="dkd", **DEFAULT_TSD),
+    # selection candidates: each changes one setting of the default
+    "kd+tsd_w0.25": dict(base_loss="kd", **{**DEFAULT_TSD, "tsd_weight": 0.25}),
+    "kd+tsd_w1": dict(base_loss="kd", **{**DEFAULT_TSD, "tsd_weight": 1.0}),
+    "kd+tsd_cos": dict(base_loss="kd", **{**DEFAULT_TSD, "alignment": "cosine"}),
+    "kd+tsd_label": dict(base_loss="kd", **{**DEFAULT_TSD, "saliency_target": "label"}),
+    "kd+tsd_evalmode": dict(base_loss="kd", **DEFAULT_TSD, student_train_mode=False),
+    "kd+tsd_warm": dict(base_loss="kd", **DEFAULT_TSD, tsd_warmup=0.3),
+    # the weight halved whenever the epoch's training agreement falls 0.02 below its best (callback)
+    "kd+tsd_guard": dict(
+        base_loss="kd", **DEFAULT_TSD, guard=dict(monitor="train/agreement", factor=0.5, tolerance=0.02)
+    ),
 }
-BASELINE_OF = {"kd": "ce", "kd+tsd": "kd", "kd+tsd_grad_cos": "kd", "dkd": "kd", "dkd+tsd": "dkd"}
-BASELINE_OF.update({v: "kd" for v in VARIANTS if v.startswith("kd+tsd_w")})
-# Candidates of the default-selection run (``--split val``): the rule is applied over these.
-SELECTION_VARIANTS = ["kd", "kd+tsd", "kd+tsd_w0.5", "kd+tsd_w1", "kd+tsd_w1_warm", "kd+tsd_w2_warm"]
+BASELINE_OF = {"kd": "ce", "dkd": "kd", "dkd+tsd": "dkd"}
+BASELINE_OF.update({v: "kd" for v in VARIANTS if v.startswith("kd+tsd")})
+# Candidates of the default-selection run (``--split cv``): the rule is applied over these.
+SELECTION_VARIANTS = [
+    "kd", "kd+tsd", "kd+tsd_w0.25", "kd+tsd_w1", "kd+tsd_grad", "kd+tsd_cos", "kd+tsd_label", "kd+tsd_evalmode",
+    "kd+tsd_warm", "kd+tsd_guard",
+]
 SELECTION_MAX_AGREEMENT_LOSS = 0.01  # pooled mean d agreement vs kd must be >= -0.01
+CV_FOLDS = 3  # ``--split cv``: stratified folds of the train split (fold = the --seeds value)
+CV_SPLIT_SEED = 0
 VAL_FRACTION = 0.25
 BINARY = {"GunPoint", "ItalyPowerDemand"}
 TEACHER = dict(num_filters=16, depth=3, kernel_size=40)  # reduced InceptionTime for the CPU budget
@@ -78,12 +94,26 @@ FIELDS = [
     "ig_pearson",
     "ig_cosine",
     "ig_topk",
+    "teacher_ece",
+    "student_ece",
     "train_s",
     "eval_s",
     "steps",
     "student",
 ]
-METRICS = ["student_acc", "agreement", "ig_spearman", "ig_topk", "kl"]
+METRICS = ["student_acc", "agreement", "ig_spearman", "ig_topk", "kl", "student_ece"]
+RESULTS = HERE.parent / "results"
+
+
+def check_defaults() -> None:
+    """``DEFAULT_TSD`` must be what ``TemporalSaliencyDistiller`` does by default."""
+    import inspect
+
+    from lightning_tsd import TemporalSaliencyDistiller
+
+    params = inspect.signature(TemporalSaliencyDistiller).parameters
+    actual = {k: params[k].default for k in DEFAULT_TSD}
+    assert actual == DEFAULT_TSD, f"package defaults {actual} != DEFAULT_TSD {DEFAULT_TSD}: update the benchmark"
 
 
 def trainer(**kwargs):
@@ -147,10 +177,15 @@ def append(csv_path: Path, row: dict, fields: list[str] = FIELDS) -> None:
 
 
 def load_data(name: str, seed: int, batch_size: int, split: str = "test"):
-    """``split="test"``: the whole train split trains, the test split evaluates. ``split="val"`` (default
-    selection): a stratified ``VAL_FRACTION`` of the train split is held out and evaluates; the rest trains."""
+    """``split="test"``: the whole train split trains, the test split evaluates. ``split="cv"`` (default
+    selection): fold ``seed`` of ``CV_FOLDS`` stratified folds of the train split evaluates, the other folds
+    train. ``split="val"`` (the earlier protocol): a stratified ``VAL_FRACTION`` is held out per seed."""
     from lightning_tsd.data import UCRDataModule
 
+    if split == "cv":
+        dm = UCRDataModule(name, batch_size=batch_size, cv_folds=CV_FOLDS, fold=seed, seed=CV_SPLIT_SEED)
+        dm.setup()
+        return dm
     val_fraction = VAL_FRACTION if split == "val" else 0.0
     dm = UCRDataModule(name, batch_size=batch_size, val_fraction=val_fraction, seed=seed)
     dm.setup()
@@ -158,7 +193,7 @@ def load_data(name: str, seed: int, batch_size: int, split: str = "test"):
 
 
 def eval_loader(dm, split: str):
-    return dm.val_dataloader() if split == "val" else dm.test_dataloader()
+    return dm.test_dataloader() if split == "test" else dm.val_dataloader()
 
 
 def get_teacher(dm, name: str, seed: int, cache_dir: Path, epochs: int, split: str = "test"):
@@ -169,7 +204,7 @@ def get_teacher(dm, name: str, seed: int, cache_dir: Path, epochs: int, split: s
     from lightning_tsd.classifier import TimeSeriesClassifier
     from lightning_tsd.models import InceptionTime
 
-    suffix = f"_val{int(VAL_FRACTION * 100)}" if split == "val" else ""
+    suffix = {"test": "", "val": f"_val{int(VAL_FRACTION * 100)}", "cv": f"_cv{CV_FOLDS}"}[split]
     path = cache_dir / f"teacher_{name}_{seed}{suffix}.pt"
     torch.manual_seed(10_000 + seed)
     teacher = InceptionTime(dm.in_channels, dm.num_classes, **TEACHER)
@@ -231,6 +266,8 @@ def evaluate(teacher, student, dm, teacher_maps, check_report: bool, split: str 
     return dict(
         teacher_acc=rep.teacher_accuracy,
         student_acc=rep.student_accuracy,
+        teacher_ece=rep.teacher_ece,
+        student_ece=rep.student_ece,
         agreement=rep.agreement,
         kl=rep.kl,
         ig_spearman=res["spearman"],
@@ -241,7 +278,7 @@ def evaluate(teacher, student, dm, teacher_maps, check_report: bool, split: str 
 
 
 def run(args) -> None:
-    from lightning_tsd import TemporalSaliencyDistiller, models
+    from lightning_tsd import ReduceTSDWeightOnAgreementDrop, TemporalSaliencyDistiller, models
     from lightning_tsd.models import count_parameters
 
     student_cls, student_kw = getattr(models, args.student), STUDENTS[args.student]
@@ -249,7 +286,7 @@ def run(args) -> None:
     def make_student(dm):
         return student_cls(dm.in_channels, dm.num_classes, **student_kw)
 
-    csv_path = args.out / ("selection.csv" if args.split == "val" else "results.csv")
+    csv_path = args.out / ("quality.csv" if args.split == "test" else "selection.csv")
     done = done_runs(csv_path)
     start = time.perf_counter()
     checked = False
@@ -276,11 +313,16 @@ def run(args) -> None:
             for variant in todo:
                 student = make_student(dm)
                 student.load_state_dict(init)
+                options = dict(VARIANTS[variant])
+                guard = options.pop("guard", None)
+                callbacks = [ReduceTSDWeightOnAgreementDrop(**guard)] if guard else []
                 distiller = TemporalSaliencyDistiller(
-                    teacher, student, teacher_cache=True, lr=args.student_lr, **VARIANTS[variant]
+                    teacher, student, teacher_cache=True, lr=args.student_lr, **options
                 )
                 t0 = time.perf_counter()
-                trainer(max_steps=args.student_steps).fit(distiller, train_dataloaders=dm.train_dataloader())
+                trainer(max_steps=args.student_steps, callbacks=callbacks).fit(
+                    distiller, train_dataloaders=dm.train_dataloader()
+                )
                 train_s = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 metrics = evaluate(
@@ -305,7 +347,7 @@ def run(args) -> None:
                     n_eval=len(eval_loader(dm, args.split).dataset),
                     **metrics,
                 )
-                append(csv_path, row, FIELDS + ["n_eval"] if args.split == "val" else FIELDS)
+                append(csv_path, row, FIELDS if args.split == "test" else FIELDS + ["n_eval"])
                 print(
                     f"{args.student} {name:16s} seed {seed} {variant:16s} acc {metrics['student_acc']:.3f} agree "
                     f"{metrics['agreement']:.3f} IG-rho {metrics['ig_spearman']:.3f} (teacher acc "
@@ -317,7 +359,7 @@ def run(args) -> None:
 
 
 def summarize_any(args) -> None:
-    (summarize_selection if args.split == "val" else summarize)(args.out)
+    (summarize if args.split == "test" else summarize_selection)(args.out)
 
 
 # ----------------------------------------------------------------------------- summary
@@ -330,7 +372,7 @@ def _ms(values: list[float]) -> str:
 
 
 def summarize(out: Path) -> None:
-    csv_path = out / "results.csv"
+    csv_path = out / "quality.csv"
     if not csv_path.exists():
         return
     with csv_path.open() as f:
@@ -345,7 +387,7 @@ def summarize(out: Path) -> None:
     lines = [
         "# Quality: does TSD improve the student's agreement with the teacher and its saliency alignment?",
         "",
-        f"Generated by `benchmarks/quality/bench_quality.py` from `results.csv` "
+        f"Generated by `benchmarks/quality/bench_quality.py` from `quality.csv` "
         f"({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, CPU).",
         "",
         f"Teacher: InceptionTime({', '.join(f'{k}={v}' for k, v in TEACHER.items())}) (reduced for the CPU budget),",
@@ -356,19 +398,21 @@ def summarize(out: Path) -> None:
         "with `teacher_cache=True`, Adam 3e-3, batch 16, CE + base loss (+ w * L_TSD); the variants of one",
         "(student, dataset, seed) share the student's initialisation and batch order.",
         "Variants: `ce` (the student alone: cross-entropy only, base_loss='none', kd_weight=0, tsd_weight=0);",
-        "`kd` (Hinton KD, tsd_weight=0); `kd+tsd` (package defaults: integrated gradients 8 steps,",
-        "pearson, w=2); `dkd` / `dkd+tsd` (decoupled KD base); `kd+tsd_grad_cos` (gradient saliency, cosine, w=2);",
-        "`kd+tsd_w<w>[_warm]` (IG 8 steps, pearson, weight w, `_warm` = tsd_warmup=0.3), the weight/schedule sweep",
-        "whose default is chosen on validation data in `selection.md`.",
-        "Test split: accuracy, top-1 agreement with the teacher, KL(teacher || student), and IG-rho: captum",
+        "`kd` (Hinton KD, tau 4, tsd_weight=0); `kd+tsd` (the package defaults, chosen in `selection.md`:",
+        "integrated gradients 8 steps, pearson alignment, w=0.5, target = the teacher's class);",
+        "`kd+tsd_grad` (the same with the `gradient` estimator); `dkd` / `dkd+tsd` (decoupled KD base, alpha 1,",
+        "beta 8, with the default TSD term); other `kd+tsd_*` rows, if any, are single-setting changes of the default.",
+        "Test split: accuracy, top-1 agreement with the teacher, KL(teacher || student), student and teacher ECE",
+        "(torchmetrics `MulticlassCalibrationError`, 15 bins, as in the substitution report), and IG-rho: captum",
         "IntegratedGradients (32 steps, zero baseline, teacher's class) Spearman between teacher and student maps",
         'over time, per series, averaged (as `substitution_report(..., method="integrated_gradients")`).',
         "Values are mean ± std over seeds (n = number of seeds).",
         "",
         "## Per dataset and variant",
         "",
-        "| student | dataset | variant | n | teacher acc | student acc | agreement | IG-rho | top-k overlap | KL |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| student | dataset | variant | n | teacher acc | student acc | agreement | IG-rho | top-k overlap | KL "
+        "| student ECE | teacher ECE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for st in students:
         for d in datasets:
@@ -379,7 +423,8 @@ def summarize(out: Path) -> None:
                 get = lambda key, rs=rs: [float(r[key]) for r in rs]  # noqa: E731
                 lines.append(
                     f"| {st} | {d} | {v} | {len(rs)} | {_ms(get('teacher_acc'))} | {_ms(get('student_acc'))} | "
-                    f"{_ms(get('agreement'))} | {_ms(get('ig_spearman'))} | {_ms(get('ig_topk'))} | {_ms(get('kl'))} |"
+                    f"{_ms(get('agreement'))} | {_ms(get('ig_spearman'))} | {_ms(get('ig_topk'))} | {_ms(get('kl'))} | "
+                    f"{_ms(get('student_ece'))} | {_ms(get('teacher_ece'))} |"
                 )
     lines += [
         "",
@@ -392,8 +437,9 @@ def summarize(out: Path) -> None:
         "With 2-3 seeds these verdicts are indicative only. DKD variants are not run on the binary sets",
         "(GunPoint, ItalyPowerDemand): with K=2 and alpha=1, DKD is exactly KD (TCKD is the full KL, NCKD is 0).",
         "",
-        "| student | dataset | variant | base | n | d student acc | d agreement | d IG-rho | d top-k | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| student | dataset | variant | base | n | d student acc | d agreement | d IG-rho | d top-k | d KL "
+        "| d student ECE | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     deltas_of: dict[str, dict[tuple[str, str], dict[str, list[float]]]] = {}
     for st in students:
@@ -427,7 +473,8 @@ def summarize(out: Path) -> None:
                 label = "**all (pooled)**" if d == "all" else d
                 lines.append(
                     f"| {st} | {label} | {v} | {base} | {len(pairs)} | {_ms(dd['student_acc'])} | {_ms(dd['agreement'])} | "
-                    f"{_ms(dd['ig_spearman'])} | {_ms(dd['ig_topk'])} | {verdict} |"
+                    f"{_ms(dd['ig_spearman'])} | {_ms(dd['ig_topk'])} | {_ms(dd['kl'])} | {_ms(dd['student_ece'])} | "
+                    f"{verdict} |"
                 )
     times = [float(r["train_s"]) for r in rows]
     lines += [
@@ -447,7 +494,7 @@ def summarize(out: Path) -> None:
     ]
     lines += _win_tie_loss(datasets, deltas_of)
     lines += _wilcoxon(deltas_of)
-    (out / "results.md").write_text("\n".join(lines))
+    (out / "quality.md").write_text("\n".join(lines))
     plot(out, datasets, deltas_of)
 
 
@@ -585,22 +632,31 @@ def summarize_selection(out: Path) -> None:
     for r in rows:
         n_val.setdefault(r["dataset"], r.get("n_eval", ""))
     lines = [
-        "# Choosing the default TSD weight and schedule on validation data",
+        "# Choosing the default TSD settings on validation data (cross-validation folds)",
         "",
-        f"Generated by `benchmarks/quality/bench_quality.py --split val` from `selection.csv` "
+        f"Generated by `benchmarks/quality/bench_quality.py --split cv` from `selection.csv` "
         f"({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, CPU).",
         "",
-        f"**Protocol.** For each dataset and seed, `UCRDataModule(val_fraction={VAL_FRACTION}, seed=seed)` holds out",
-        "a stratified 25% of the train split as validation (a different split per seed). The teacher (same",
-        "reduced InceptionTime and recipe as `results.md`) is trained **on the remaining 75% only** (cached as",
-        "`teacher_<dataset>_<seed>_val25.pt`), so neither teacher nor student sees validation; the test split",
-        "is not touched. Students: NarrowFCN, 200 steps, Adam 3e-3, batch 16, `teacher_cache=True`, each variant",
-        "paired with `kd` (same initialisation and batch order). Agreement, accuracy and IG-rho (captum IG 32",
-        "steps, teacher's class, Spearman over time) are measured on the validation part.",
+        "**Protocol.** The UCR train splits are tiny (36-200 series), so a single hold-out is noisy: each train",
+        f"split is cut into {CV_FOLDS} stratified, disjoint folds (`UCRDataModule(cv_folds={CV_FOLDS}, fold=f, "
+        f"seed={CV_SPLIT_SEED})`), and",
+        "fold f validates while the other folds train, so every training series is validated exactly once. Per",
+        "(dataset, fold), the teacher (the reduced InceptionTime and recipe of `quality.md`) is trained **on the",
+        f"other folds only** (cached as `teacher_<dataset>_<fold>_cv{CV_FOLDS}.pt`), so neither teacher nor student",
+        "sees its validation fold; the test split is not touched. Students: NarrowFCN, 200 steps, Adam 3e-3,",
+        "batch 16, `teacher_cache=True`, each candidate paired with `kd` (same initialisation and batch order).",
+        "Agreement, accuracy and IG-rho (captum IG 32 steps, teacher's class, Spearman over time) are measured",
+        "on the validation fold. In the tables, *seed* is the fold.",
         "",
-        "Candidates (all: integrated gradients 8 steps, pearson alignment, KD base, tau 4): `kd+tsd` (w=2, the",
-        "current default), `kd+tsd_w0.5`, `kd+tsd_w1`, `kd+tsd_w1_warm` (w=1, tsd_warmup=0.3), `kd+tsd_w2_warm`",
-        "(w=2, tsd_warmup=0.3).",
+        "Candidates: KD base (tau 4) plus a TSD term; `kd+tsd` is integrated gradients (8 steps), pearson",
+        "alignment, w=0.5, saliency of the teacher's class, student in train mode; every other candidate changes",
+        "one of these (column *change*): the weight (0.25, 1), the estimator (`gradient`), the alignment (`cosine`),",
+        "the target class (`label`: the true label instead of the teacher's prediction), the student's mode",
+        "(`evalmode`: the student trained in eval mode, `student_train_mode=False`), the schedule (`warm`: a",
+        "linear warm-up over the first 30% of the steps), or an adaptive weight (`guard`: the callback",
+        "`ReduceTSDWeightOnAgreementDrop(monitor='train/agreement', factor=0.5, tolerance=0.02)` halves the",
+        "weight whenever the epoch's training agreement falls 0.02 below its best; training data only, so the",
+        "validation fold stays unseen).",
         "",
         "**Rule (fixed before the run).** Choose the candidate with the highest pooled mean d IG-rho among those",
         f"whose pooled mean d agreement vs `kd` is >= -{SELECTION_MAX_AGREEMENT_LOSS} (validation, paired, pooled over",
@@ -613,15 +669,21 @@ def summarize_selection(out: Path) -> None:
         "",
         "mean ± std over (dataset, seed) pairs, with the standard error of the mean.",
         "",
-        "| variant | w | warm-up | n | d agreement | d student acc | d IG-rho | d top-k | qualifies (d agr >= -0.01) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | change | n | d agreement | d student acc | d IG-rho | d top-k | qualifies (d agr >= -0.01) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    base_cfg = VARIANTS["kd+tsd"]
     for v, dd in pooled.items():
         cfg = VARIANTS[v]
+        change = ", ".join(
+            "ReduceTSDWeightOnAgreementDrop (train/agreement, x0.5 below best - 0.02)" if k == "guard" else f"{k}={cfg[k]}"
+            for k in cfg
+            if cfg[k] != base_cfg.get(k)
+        ) or "(the default)"
         q = np.mean(dd["agreement"]) >= -SELECTION_MAX_AGREEMENT_LOSS
         mark = " **(chosen)**" if v == chosen else ""
         lines.append(
-            f"| `{v}`{mark} | {cfg['tsd_weight']:g} | {cfg.get('tsd_warmup', 0.0):g} | {len(dd['agreement'])} | "
+            f"| `{v}`{mark} | {change} | {len(dd['agreement'])} | "
             f"{fmt(dd['agreement'])} | {fmt(dd['student_acc'])} | {fmt(dd['ig_spearman'])} | {fmt(dd['ig_topk'])} | "
             f"{'yes' if q else 'no'} |"
         )
@@ -641,9 +703,9 @@ def summarize_selection(out: Path) -> None:
             "",
         ]
     lines += [
-        "## Per dataset (validation; paired deltas vs kd, mean ± std over seeds)",
+        "## Per dataset (validation; paired deltas vs kd, mean ± std over folds)",
         "",
-        "| dataset | n val series | variant | n | kd agreement | d agreement | kd IG-rho | d IG-rho |",
+        "| dataset | n val series (per fold) | variant | n | kd agreement | d agreement | kd IG-rho | d IG-rho |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for d in datasets:
@@ -712,10 +774,11 @@ def plot(out: Path, datasets: list[str], deltas_of) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--datasets", nargs="+", default=DATASETS[:5])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--datasets", nargs="+", default=DATASETS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds; with --split cv, folds")
     parser.add_argument(
-        "--variants", nargs="+", default=[v for v in VARIANTS if v != "ce"], choices=list(VARIANTS)
+        "--variants", nargs="+", default=["ce", "kd", "kd+tsd", "kd+tsd_grad", "dkd", "dkd+tsd"],
+        choices=list(VARIANTS),
     )
     parser.add_argument(
         "--student",
@@ -732,14 +795,15 @@ def main() -> None:
         "--budget-min", type=float, default=25.0, help="start no new (dataset, seed) after this"
     )
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/lightning_tsd_quality_teachers"))
-    parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-check-report", dest="check_report", action="store_false")
     parser.add_argument(
         "--split",
-        choices=["test", "val"],
+        choices=["test", "cv", "val"],
         default="test",
-        help="test: the report (results.*); val: default selection on a held-out 25%% of the train split "
-        "(selection.*; teachers trained on the remaining 75%%)",
+        help="test: the report (quality.*); cv: default selection on stratified folds of the train split "
+        "(selection.*; --seeds are the folds; teachers trained on the other folds); val: the earlier protocol, "
+        "a held-out 25%% per seed",
     )
     parser.add_argument("--summarize-only", action="store_true")
     args = parser.parse_args()
@@ -751,6 +815,9 @@ def main() -> None:
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
+    check_defaults()
+    if args.split == "cv" and not set(args.seeds) <= set(range(CV_FOLDS)):
+        parser.error(f"with --split cv, --seeds are fold numbers in 0..{CV_FOLDS - 1}")
     args.out.mkdir(parents=True, exist_ok=True)
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     run(args)
