@@ -473,6 +473,15 @@ class TemporalSaliencyDistiller(pl.LightningModule):
             return None
         return torch.stack([p.sum() for p in params]).sum() * 0.0
 
+    def on_train_start(self) -> None:
+        # Lightning bug workaround (2.6): `estimated_stepping_batches` (which the cosine / one-cycle schedulers
+        # read in `configure_optimizers`) builds the train loader *before* a checkpoint is restored, and
+        # the fit loop then never hands the restored mid-epoch dataloader state to it, so a resumed fit
+        # replays the epoch's first batches. Hand it over here, before the first batch is drawn.
+        fit_loop = self.trainer.fit_loop
+        if self.hparams.scheduler is not None and getattr(fit_loop, "_combined_loader_states_to_load", None):
+            fit_loop._load_combined_loader_states()
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self._good_batches_since_step == 0 and self.hparams.on_bad_batch == "skip":
             # Every batch since the last step was skipped: drop the zero gradients, so that the optimizer

@@ -158,10 +158,10 @@ class CrashAt(pl.Callback):
             raise RuntimeError(f"simulated crash at global step {self.step}")
 
 
-def resumable_fit(dirpath, crash_at=None, ckpt_path=None):
+def resumable_fit(dirpath, crash_at=None, ckpt_path=None, scheduler=None):
     pl.seed_everything(0)
     data = make_data(48)
-    model = distiller(teacher_cache=True, tsd_weight=1.0)
+    model = distiller(teacher_cache=True, tsd_weight=1.0, scheduler=scheduler)
     callbacks = [pl.callbacks.ModelCheckpoint(dirpath=dirpath, save_last=True, every_n_train_steps=1, save_top_k=0)]
     if crash_at is not None:
         callbacks.append(CrashAt(crash_at))
@@ -172,18 +172,24 @@ def resumable_fit(dirpath, crash_at=None, ckpt_path=None):
     return model, t
 
 
-def test_resume_after_a_crash_mid_epoch_is_bit_exact(tmp_path):
-    straight, t_straight = resumable_fit(tmp_path / "straight")
+@pytest.mark.parametrize("scheduler", [None, "cosine", "onecycle"])
+def test_resume_after_a_crash_mid_epoch_is_bit_exact(tmp_path, scheduler):
+    # With a scheduler, Lightning builds the train loader early (estimated_stepping_batches) and would not
+    # restore its mid-epoch state; the distiller hands the state over in on_train_start.
+    straight, t_straight = resumable_fit(tmp_path / "straight", scheduler=scheduler)
     with pytest.raises(RuntimeError, match="simulated crash at global step 4"):
-        resumable_fit(tmp_path / "crashed", crash_at=4)  # epoch 2 (index 1), its second batch
+        resumable_fit(tmp_path / "crashed", crash_at=4, scheduler=scheduler)  # epoch 2 (index 1), its second batch
     last = tmp_path / "crashed" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 4
-    resumed, t_resumed = resumable_fit(tmp_path / "crashed", ckpt_path=str(last))
+    resumed, t_resumed = resumable_fit(tmp_path / "crashed", ckpt_path=str(last), scheduler=scheduler)
     assert t_resumed.global_step == t_straight.global_step == 9
     assert state_equal(resumed.student.state_dict(), straight.student.state_dict())
     opt_a, opt_b = t_straight.optimizers[0].state_dict(), t_resumed.optimizers[0].state_dict()
     for key, state in opt_a["state"].items():
         assert all(torch.equal(state[k], opt_b["state"][key][k]) for k in state)
+    if scheduler is not None:
+        lr_a, lr_b = (t.lr_scheduler_configs[0].scheduler.state_dict() for t in (t_straight, t_resumed))
+        assert lr_a["last_epoch"] == lr_b["last_epoch"] == 9 and lr_a["_last_lr"] == lr_b["_last_lr"]
     assert len(resumed.teacher_cache) == 48
     assert torch.equal(resumed.teacher_cache.saliency, straight.teacher_cache.saliency)
 
