@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_tsd._batch import Batch, InvalidBatchError, NonFiniteLossError, call_model, unpack_batch
@@ -216,6 +216,7 @@ class TemporalSaliencyDistiller(pl.LightningModule):
         if self.num_classes is not None:
             metrics["acc"] = MulticlassAccuracy(self.num_classes, average="micro")
             metrics["teacher_acc"] = MulticlassAccuracy(self.num_classes, average="micro")
+        metrics["loss"] = MeanMetric()  # the student's cross-entropy on labelled batches
         return MetricCollection(metrics, compute_groups=False)
 
     def setup(self, stage: str) -> None:
@@ -505,12 +506,15 @@ class TemporalSaliencyDistiller(pl.LightningModule):
         if b.y is not None and "acc" in metrics:
             metrics["acc"].update(student_logits, b.y)
             metrics["teacher_acc"].update(teacher_logits, b.y)
-            self.log(f"{stage}/loss", F.cross_entropy(student_logits.float(), b.y), batch_size=b.x.shape[0], sync_dist=True)
+            # a metric, not self.log(sync_dist=True): ranks whose batches lack labels must not skip a collective
+            metrics["loss"].update(F.cross_entropy(student_logits.float(), b.y), weight=b.x.shape[0])
 
     def _eval_epoch_end(self, stage: str) -> None:
         values: dict[str, Tensor] = {}
         for name, metric in self.metrics[stage].items():
-            if not metric.update_called:
+            # One decision for all ranks: compute() syncs, so every rank must call it or none (a rank whose
+            # batches had no labels has not updated the accuracy metrics, but others may have).
+            if not self._any_rank(metric.update_called):
                 continue
             result = metric.compute()
             if isinstance(result, dict):

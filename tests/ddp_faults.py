@@ -4,7 +4,10 @@ Usage: python tests/ddp_faults.py OUT_DIR SCENARIO
   skip            rank 1 sees a NaN in its batch of global step 1; on_bad_batch="skip"
   raise           the same with on_bad_batch="raise": the run must fail, not hang
   saliency_error  rank 0 raises inside the student's saliency computation at global step 1
-Each rank writes OUT_DIR/SCENARIO-rank{r}.pt with its student, optimizer state and skip count.
+  val             rank 1's validation batches have no labels (rank 0's have), and a
+                  ReduceTSDWeightOnAgreementDrop monitors a value each rank logs differently (unsynced)
+Each rank writes OUT_DIR/SCENARIO-rank{r}.pt with its student, optimizer state and skip count (and, for
+"val", its validation metrics and the callback's scale).
 """
 
 from __future__ import annotations
@@ -20,7 +23,16 @@ sys.path.insert(0, os.path.dirname(__file__))
 from tiny_models import TinyCNN  # noqa: E402
 
 import lightning_tsd.saliency as saliency_module  # noqa: E402
-from lightning_tsd import TemporalSaliencyDistiller  # noqa: E402
+from lightning_tsd import ReduceTSDWeightOnAgreementDrop, TemporalSaliencyDistiller  # noqa: E402
+
+
+class RankDependentValue(TemporalSaliencyDistiller):
+    """Logs ``val/rank_value``, unsynced: rank 0 sees a drop after epoch 0, rank 1 a rise."""
+
+    def on_validation_epoch_end(self):
+        super().on_validation_epoch_end()
+        values = {0: [0.9, 0.5], 1: [0.5, 0.9]}[self.global_rank]
+        self.log("val/rank_value", values[self.current_epoch])
 
 
 def rank_batches(rank: int, poison: bool, n_batches: int = 2, batch_size: int = 4, length: int = 16):
@@ -41,13 +53,16 @@ def main(out_dir: str, scenario: str) -> None:
     torch.manual_seed(0)
     teacher = TinyCNN(1, 3).eval()
     student = TinyCNN(1, 3, width=4, batchnorm=False)
-    model = TemporalSaliencyDistiller(
+    model = (RankDependentValue if scenario == "val" else TemporalSaliencyDistiller)(
         teacher, student, saliency="gradient", tsd_weight=1.0, lr=0.01, optimizer="adam", teacher_cache=True,
         on_bad_batch="raise" if scenario == "raise" else "skip",
     )
+    guard = ReduceTSDWeightOnAgreementDrop(monitor="val/rank_value", tolerance=0.1)
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, use_distributed_sampler=False,
+        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+        limit_val_batches=None if scenario == "val" else 0, num_sanity_val_steps=0,
+        callbacks=[guard] if scenario == "val" else None,
     )
     rank = trainer.global_rank
     if scenario == "saliency_error" and rank == 0:
@@ -61,7 +76,12 @@ def main(out_dir: str, scenario: str) -> None:
 
         saliency_module.ESTIMATORS["gradient"] = failing
     batches = rank_batches(rank, poison=scenario in ("skip", "raise"))
-    trainer.fit(model, DataLoader(batches, batch_size=None))
+    val = None
+    if scenario == "val":
+        val = rank_batches(rank, poison=False)
+        if rank == 1:
+            val = [{"x": b["x"], "index": b["index"]} for b in val]  # no labels on this rank
+    trainer.fit(model, DataLoader(batches, batch_size=None), DataLoader(val, batch_size=None) if val else None)
     optimizer = trainer.optimizers[0].state_dict()
     torch.save(
         {
@@ -69,6 +89,9 @@ def main(out_dir: str, scenario: str) -> None:
             "skipped": model.skipped_batches,
             "adam_steps": sorted({float(s["step"]) for s in optimizer["state"].values()}),
             "global_step": trainer.global_step,
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+            "scale": guard.scale,
+            "tsd_weight_scale": model.tsd_weight_scale,
         },
         os.path.join(out_dir, f"{scenario}-rank{rank}.pt"),
     )

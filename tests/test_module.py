@@ -223,6 +223,8 @@ def test_validation_logs_accuracy_agreement_and_kl_equal_to_direct_computation()
     assert float(metrics["val/agreement"]) == pytest.approx(float((s.argmax(1) == t.argmax(1)).float().mean()), abs=1e-6)
     kl = torch.nn.functional.kl_div(s.log_softmax(1), t.log_softmax(1), log_target=True, reduction="batchmean")
     assert float(metrics["val/kl"]) == pytest.approx(float(kl), rel=1e-4)
+    # the mean over samples (batches of 7 leave a last batch of 6: a per-batch mean would differ)
+    assert float(metrics["val/loss"]) == pytest.approx(float(torch.nn.functional.cross_entropy(s, y)), rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------- errors

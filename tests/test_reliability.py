@@ -122,6 +122,21 @@ def test_ddp_faults_skip_together_or_fail_without_hanging(tmp_path):
     assert not (tmp_path / "raise-rank0.pt").exists() and not (tmp_path / "saliency_error-rank1.pt").exists()
 
 
+def test_ddp_validation_with_labels_on_one_rank_only_and_the_weight_guard_decide_together(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(29480 + os.getpid() % 50)}
+    proc = subprocess.run([sys.executable, str(FAULTS), str(tmp_path), "val"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"val-rank{r}.pt", weights_only=True) for r in (0, 1))
+    # accuracy from rank 0's labelled batches, computed on both ranks (no hang: both called compute())
+    assert "val/acc" in rank0["metrics"] and rank0["metrics"]["val/acc"] == rank1["metrics"]["val/acc"]
+    assert rank0["metrics"]["val/agreement"] == rank1["metrics"]["val/agreement"]
+    # rank 0 saw a drop (0.9 -> 0.5), rank 1 a rise: rank 0's cut holds on both ranks
+    assert rank0["scale"] == rank1["scale"] == 0.5
+    assert rank0["tsd_weight_scale"] == rank1["tsd_weight_scale"] == 0.5
+    assert state_equal(rank0["student"], rank1["student"])
+
+
 # ------------------------------------------------------------------------------ resume after a crash
 class ResumableLoader(DataLoader):
     """A DataLoader Lightning can resume mid-epoch (``state_dict``/``load_state_dict``): it records the
