@@ -129,7 +129,7 @@ class TemporalSaliencyDistiller(pl.LightningModule):
         base_loss: str | BaseLoss = "kd",
         ce_weight: float = 1.0,
         kd_weight: float = 1.0,
-        tsd_weight: float = 0.5,
+        tsd_weight: float = 0.25,
         temperature: float = 4.0,
         saliency: str = "integrated_gradients",
         saliency_options: dict[str, Any] | None = None,
