@@ -239,6 +239,41 @@ def get_teacher(dm, name: str, seed: int, cache_dir: Path, epochs: int, split: s
     return teacher, maps, train_s
 
 
+def occlusion_maps(model, dm, teacher, split: str) -> torch.Tensor:
+    """captum Occlusion maps (windows of T/10 steps, half-overlapping, all channels; the package callbacks'
+    default) of the teacher's predicted class over the evaluation split: a perturbation measure that shares
+    nothing with the gradient-based training estimators."""
+    from lightning_tsd.callbacks import _temporal_attribution
+
+    maps = []
+    for batch in eval_loader(dm, split):
+        with torch.no_grad():
+            target = teacher(batch["x"], mask=batch.get("mask")).argmax(1)
+        maps.append(_temporal_attribution(model, batch["x"], target, batch.get("mask"), "occlusion"))
+    return torch.cat(maps)
+
+
+def occlusion_alignment(student, teacher, dm, split: str, teacher_maps: torch.Tensor) -> dict[str, float]:
+    """Spearman and top-10% overlap of student vs teacher Occlusion maps, per series over real steps."""
+    from lightning_tsd.functional import saliency_alignment
+
+    student_maps = occlusion_maps(student.eval(), dm, teacher, split)
+    masks = [b.get("mask") for b in eval_loader(dm, split)]
+    mask = None if masks[0] is None else torch.cat(masks)
+    out = saliency_alignment(student_maps, teacher_maps, mask)
+    return dict(occ_spearman=float(out["spearman"].mean()), occ_topk=float(out["topk_overlap"].mean()))
+
+
+def teacher_occlusion_maps(teacher, dm, name: str, seed: int, cache_dir: Path, split: str) -> torch.Tensor:
+    suffix = {"test": "", "val": f"_val{int(VAL_FRACTION * 100)}", "cv": f"_cv{CV_FOLDS}"}[split]
+    path = cache_dir / f"teacher_{name}_{seed}{suffix}_occlusion.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    maps = occlusion_maps(teacher, dm, teacher, split)
+    torch.save(maps, path)
+    return maps
+
+
 def evaluate(teacher, student, dm, teacher_maps, check_report: bool, split: str = "test") -> dict:
     """Accuracy, agreement, KL from ``substitution_report(method=None)``; IG alignment from captum maps."""
     from lightning_tsd.callbacks import _temporal_attribution
@@ -314,6 +349,9 @@ def run(args) -> None:
             teacher, maps, teacher_s = get_teacher(
                 dm, name, seed, args.cache_dir, args.teacher_epochs, args.split
             )
+            occ_maps = (
+                teacher_occlusion_maps(teacher, dm, name, seed, args.cache_dir, args.split) if args.occlusion else None
+            )
             torch.manual_seed(seed)
             init = make_student(dm).state_dict()
             tp, sp = count_parameters(teacher), count_parameters(make_student(dm))
@@ -341,6 +379,8 @@ def run(args) -> None:
                     check_report=not checked and args.check_report,
                     split=args.split,
                 )
+                if occ_maps is not None:
+                    metrics.update(occlusion_alignment(student, teacher, dm, args.split, occ_maps))
                 checked = True
                 row = dict(
                     dataset=name,
@@ -355,7 +395,8 @@ def run(args) -> None:
                     n_eval=len(eval_loader(dm, args.split).dataset),
                     **metrics,
                 )
-                append(csv_path, row, FIELDS if args.split == "test" else FIELDS + ["n_eval"])
+                fields = FIELDS + (["occ_spearman", "occ_topk"] if args.occlusion else [])
+                append(csv_path, row, fields if args.split == "test" else fields + ["n_eval"])
                 print(
                     f"{args.student} {name:16s} seed {seed} {variant:16s} acc {metrics['student_acc']:.3f} agree "
                     f"{metrics['agreement']:.3f} IG-rho {metrics['ig_spearman']:.3f} (teacher acc "
@@ -392,6 +433,8 @@ def summarize(out: Path) -> None:
         {k[1] for k in by_all} - set(DATASETS)
     )
     variants = [v for v in VARIANTS if any(k[3] == v for k in by_all)]
+    has_occ = bool(rows) and all(r.get("occ_spearman") for r in rows)
+    metrics = METRICS + (["occ_spearman", "occ_topk"] if has_occ else [])
     lines = [
         "# Quality: does TSD improve the student's agreement with the teacher and its saliency alignment?",
         "",
@@ -415,12 +458,20 @@ def summarize(out: Path) -> None:
         "IntegratedGradients (32 steps, zero baseline, teacher's class) Spearman between teacher and student maps",
         'over time, per series, averaged (as `substitution_report(..., method="integrated_gradients")`).',
         "Values are mean ± std over seeds (n = number of seeds).",
+        *(
+            [
+                "occ-rho (`--occlusion`): the same Spearman with captum Occlusion maps (windows of T/10 steps,",
+                "half-overlapping, zero baseline), a perturbation measure independent of every training estimator.",
+            ]
+            if has_occ
+            else []
+        ),
         "",
         "## Per dataset and variant",
         "",
         "| student | dataset | variant | n | teacher acc | student acc | agreement | IG-rho | top-k overlap | KL "
-        "| student ECE | teacher ECE |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| student ECE | teacher ECE |" + (" occ-rho |" if has_occ else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if has_occ else ""),
     ]
     for st in students:
         for d in datasets:
@@ -433,12 +484,13 @@ def summarize(out: Path) -> None:
                     f"| {st} | {d} | {v} | {len(rs)} | {_ms(get('teacher_acc'))} | {_ms(get('student_acc'))} | "
                     f"{_ms(get('agreement'))} | {_ms(get('ig_spearman'))} | {_ms(get('ig_topk'))} | {_ms(get('kl'))} | "
                     f"{_ms(get('student_ece'))} | {_ms(get('teacher_ece'))} |"
+                    + (f" {_ms(get('occ_spearman'))} |" if has_occ else "")
                 )
     lines += [
         "",
         "## Paired deltas vs the base method (variant − base, same seed; mean ± std over seeds)",
         "",
-        "Base: `ce` for `kd`; `kd` for `kd+tsd`, `kd+tsd_grad_cos`, `kd+tsd_w*` and `dkd`; `dkd` for `dkd+tsd`;",
+        "Base: `ce` for `kd`; `kd` for every `kd+tsd*` variant and `dkd`; `dkd` for every `dkd+tsd*` variant;",
         "always the same student family. Verdict: *helps* = the mean",
         "delta of IG-rho exceeds its std over seeds and agreement drops by no more than 0.02 on average;",
         "*alignment up, agreement down* = IG-rho up but agreement down by more than 0.02; *hurts* = IG-rho down.",
@@ -446,8 +498,8 @@ def summarize(out: Path) -> None:
         "(GunPoint, ItalyPowerDemand): with K=2 and alpha=1, DKD is exactly KD (TCKD is the full KL, NCKD is 0).",
         "",
         "| student | dataset | variant | base | n | d student acc | d agreement | d IG-rho | d top-k | d KL "
-        "| d student ECE | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| d student ECE | verdict |" + (" d occ-rho |" if has_occ else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if has_occ else ""),
     ]
     deltas_of: dict[str, dict[tuple[str, str], dict[str, list[float]]]] = {}
     for st in students:
@@ -465,7 +517,7 @@ def summarize(out: Path) -> None:
                 ]
                 if not pairs:
                     continue
-                dd = {m: [float(a[m]) - float(b[m]) for a, b in pairs] for m in METRICS}
+                dd = {m: [float(a[m]) - float(b[m]) for a, b in pairs] for m in metrics}
                 deltas[(d, v)] = dd
                 rho, agr = dd["ig_spearman"], dd["agreement"]
                 sd = np.std(rho, ddof=1) if len(rho) > 1 else float("inf")
@@ -482,7 +534,7 @@ def summarize(out: Path) -> None:
                 lines.append(
                     f"| {st} | {label} | {v} | {base} | {len(pairs)} | {_ms(dd['student_acc'])} | {_ms(dd['agreement'])} | "
                     f"{_ms(dd['ig_spearman'])} | {_ms(dd['ig_topk'])} | {_ms(dd['kl'])} | {_ms(dd['student_ece'])} | "
-                    f"{verdict} |"
+                    f"{verdict} |" + (f" {_ms(dd['occ_spearman'])} |" if has_occ else "")
                 )
     times = [float(r["train_s"]) for r in rows]
     lines += [
@@ -569,7 +621,9 @@ def _wilcoxon(deltas_of) -> list[str]:
             dd = deltas.get(("all", v))
             if not dd:
                 continue
-            for metric, name in (("agreement", "agreement"), ("ig_spearman", "IG-rho")):
+            for metric, name in (("agreement", "agreement"), ("ig_spearman", "IG-rho"), ("occ_spearman", "occ-rho")):
+                if metric not in dd:
+                    continue
                 vals = np.asarray(dd[metric])
                 nz = int(np.count_nonzero(vals))
                 if nz == 0:
@@ -772,7 +826,7 @@ def plot(out: Path, datasets: list[str], deltas_of) -> None:
                     xs.append(j + (i - (len(variants) - 1) / 2) * width)
                     ms.append(np.mean(vals))
                     ss.append(np.std(vals, ddof=1) if len(vals) > 1 else 0.0)
-            ax.bar(xs, ms, width, yerr=ss, capsize=2, label=labels[v])
+            ax.bar(xs, ms, width, yerr=ss, capsize=2, label=labels[v], color=plt.cm.tab20(i % 20))
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
         ax.set_title(title + " vs base, paired, mean ± std over seeds")
@@ -819,6 +873,12 @@ def main() -> None:
         "a held-out 25%% per seed",
     )
     parser.add_argument("--summarize-only", action="store_true")
+    parser.add_argument(
+        "--occlusion",
+        action="store_true",
+        help="also measure alignment with captum Occlusion (occ_spearman, occ_topk): independent of the "
+        "gradient-based training estimators",
+    )
     args = parser.parse_args()
     if args.summarize_only:
         summarize_any(args)
