@@ -574,10 +574,15 @@ class TemporalSaliencyDistiller(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tsd_skipped_batches"] = self.skipped_batches
+        # the epoch's running train/agreement, so that a fit resumed mid-epoch logs the same epoch value
+        checkpoint["tsd_train_agreement"] = {k: v.detach().cpu() for k, v in self.train_agreement.metric_state.items()}
         if self.teacher_cache is not None:
             checkpoint["tsd_teacher_cache"] = self.teacher_cache.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_batches = int(checkpoint.get("tsd_skipped_batches", 0))
+        for name, value in checkpoint.get("tsd_train_agreement", {}).items():
+            if name in self.train_agreement.metric_state:
+                setattr(self.train_agreement, name, value.to(self.train_agreement.device))
         if self.teacher_cache is not None and "tsd_teacher_cache" in checkpoint:
             self.teacher_cache.load_state_dict(checkpoint["tsd_teacher_cache"])

@@ -173,11 +173,12 @@ class CrashAt(pl.Callback):
             raise RuntimeError(f"simulated crash at global step {self.step}")
 
 
-def resumable_fit(dirpath, crash_at=None, ckpt_path=None, scheduler=None):
+def resumable_fit(dirpath, crash_at=None, ckpt_path=None, scheduler=None, extra_callbacks=()):
     pl.seed_everything(0)
     data = make_data(48)
     model = distiller(teacher_cache=True, tsd_weight=1.0, scheduler=scheduler)
     callbacks = [pl.callbacks.ModelCheckpoint(dirpath=dirpath, save_last=True, every_n_train_steps=1, save_top_k=0)]
+    callbacks += list(extra_callbacks)
     if crash_at is not None:
         callbacks.append(CrashAt(crash_at))
     t = fit_trainer(max_epochs=3, callbacks=callbacks, enable_checkpointing=True, deterministic=True,
@@ -207,6 +208,42 @@ def test_resume_after_a_crash_mid_epoch_is_bit_exact(tmp_path, scheduler):
         assert lr_a["last_epoch"] == lr_b["last_epoch"] == 9 and lr_a["_last_lr"] == lr_b["_last_lr"]
     assert len(resumed.teacher_cache) == 48
     assert torch.equal(resumed.teacher_cache.saliency, straight.teacher_cache.saliency)
+
+
+CRASH = Path(__file__).with_name("crash_fit.py")
+
+
+def test_sigkill_mid_epoch_then_resume_in_a_new_process_is_bit_exact(tmp_path):
+    """A process killed with SIGKILL (no handler, no cleanup) in the last epoch, resumed by a fresh process
+    from last.ckpt, ends bit-identical to an uninterrupted process: student, Adam and cosine-schedule state,
+    teacher cache, and the last epoch's train/agreement (whose metric state is checkpointed)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+    def run(directory, mode):
+        directory.mkdir(exist_ok=True)
+        return subprocess.run([sys.executable, str(CRASH), str(directory), mode, "cosine"], env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    straight = run(tmp_path / "straight", "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    crashed = run(tmp_path / "crashed", "crash")
+    assert crashed.returncode == -9, (crashed.returncode, crashed.stderr[-3000:])  # killed by SIGKILL
+    assert not (tmp_path / "crashed" / "resumed.pt").exists()  # it never got to write its results
+    killed = torch.load(tmp_path / "crashed" / "last.ckpt", weights_only=True)
+    assert killed["global_step"] == 7
+    assert int(killed["tsd_train_agreement"]["count"]) == 16  # the last epoch's running agreement: 1 batch
+    resumed = run(tmp_path / "crashed", "resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    a = torch.load(tmp_path / "straight" / "straight.pt", weights_only=True)
+    b = torch.load(tmp_path / "crashed" / "resumed.pt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 9
+    assert state_equal(a["student"], b["student"])
+    for key, state in a["optimizer"]["state"].items():
+        assert all(torch.equal(state[k], b["optimizer"]["state"][key][k]) for k in state)
+    assert a["scheduler"] == b["scheduler"]
+    assert all(torch.equal(a["cache"][k], b["cache"][k]) for k in a["cache"])
+    assert a["metrics"] == b["metrics"]  # incl. train/agreement over the whole last epoch
 
 
 # ------------------------------------------------------------------------------ determinism

@@ -135,3 +135,17 @@ def test_arguments_missing_metric_and_module_protocol_are_checked():
 
     with pytest.raises(MisconfigurationException, match="tsd_weight_scale"):
         trainer(max_epochs=1, callbacks=[ReduceTSDWeightOnAgreementDrop()]).fit(Plain(), loader(data))
+
+
+def test_the_running_train_agreement_is_kept_in_checkpoints():
+    model = distiller()
+    student = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0], [2.0, 0.0, 0.0]])
+    teacher = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    model.train_agreement.update(student, teacher)  # 2 of 4 agree
+    checkpoint = {}
+    model.on_save_checkpoint(checkpoint)
+    restored = distiller()
+    restored.on_load_checkpoint(checkpoint)
+    assert float(restored.train_agreement.compute()) == float(model.train_agreement.compute()) == 0.5
+    restored.on_load_checkpoint({})  # a checkpoint from before this state existed leaves it alone
+    assert int(restored.train_agreement.count) == 4
