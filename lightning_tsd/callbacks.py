@@ -468,6 +468,10 @@ class ReduceTSDWeightOnAgreementDrop(Callback):
                 f"multiplies its TSD weight (TemporalSaliencyDistiller has one); {type(pl_module).__name__} has not"
             )
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":  # a fresh start for each fit (a checkpoint, if any, is restored after this)
+            self.scale, self.best, self.wait, self.history = 1.0, None, 0, []
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._check_module(pl_module)
 
@@ -487,12 +491,14 @@ class ReduceTSDWeightOnAgreementDrop(Callback):
 
     def _check(self, trainer: Trainer, pl_module: LightningModule) -> None:
         value = trainer.callback_metrics.get(self.monitor)
-        if value is None:
+        # Every rank decides on rank 0's value (one broadcast, before anything can raise), so all ranks keep
+        # the same weight even where their own logged values differ, and all raise together if it is missing.
+        current = trainer.strategy.broadcast(None if value is None else float(value), src=0)
+        if current is None:
             raise MisconfigurationException(
                 f"ReduceTSDWeightOnAgreementDrop monitors {self.monitor!r}, which was not logged; logged: "
                 f"{sorted(trainer.callback_metrics)}"
             )
-        current = float(value)
         if self.best is None or current > self.best:
             self.best, self.wait = current, 0
         elif current < self.best - self.tolerance:
@@ -502,7 +508,7 @@ class ReduceTSDWeightOnAgreementDrop(Callback):
                 if self.scale < self.min_scale:
                     self.scale = 0.0
                 self.best, self.wait = current, 0
-        # rank 0 decides: every rank then trains with the same weight even if its logged value differed
-        self.scale, self.best, self.wait = trainer.strategy.broadcast((self.scale, self.best, self.wait), src=0)
+        else:
+            self.wait = 0  # not a drop: the count of drops in a row starts again
         self.history.append((trainer.current_epoch, current, self.scale))
         pl_module.tsd_weight_scale = self.scale

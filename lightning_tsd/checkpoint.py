@@ -11,6 +11,7 @@ import importlib
 import os
 import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,14 @@ def save_teacher(model: nn.Module, path: str | os.PathLike, init_args: dict[str,
     atomic_torch_save({"format": TEACHER_FORMAT, **spec, "state_dict": state}, path)
 
 
+def _intact_zip(path: str | os.PathLike) -> bool:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return False
+
+
 def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """``torch.load(weights_only=True)`` with clear errors for unsafe, missing and corrupt files."""
     if not Path(path).is_file():
@@ -114,9 +123,15 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
                 "lightning_tsd.save_teacher, or load it yourself if you trust the file."
             ) from err
         raise CorruptCheckpointError(f"cannot read checkpoint {path}: {err}") from err
+    except MemoryError:
+        raise
     except Exception as err:  # noqa: BLE001 - damaged bytes make the unpickler fail in arbitrary ways
         # Random or truncated bytes reach the unpickler's internals: IndexError, KeyError, struct.error,
-        # UnicodeDecodeError, EOFError, RuntimeError ... all mean the same thing to the user.
+        # UnicodeDecodeError, EOFError, RuntimeError ... all mean the same thing to the user. An intact
+        # archive (torch.save's zip format, every CRC correct) failed for another reason (map_location, ...):
+        # that error is the user's to see.
+        if _intact_zip(path):
+            raise
         raise CorruptCheckpointError(
             f"cannot read checkpoint {path}: it is truncated or corrupt ({type(err).__name__}: {err})"
         ) from err

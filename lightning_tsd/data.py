@@ -165,14 +165,12 @@ def _stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.nda
 
 def _stratified_fold(y: np.ndarray, num_folds: int, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded stratified k-fold: split ``range(len(y))`` into (train, val) with ``val`` = fold ``fold`` of
-    ``num_folds``. Each class is shuffled and cut into ``num_folds`` near-equal parts, so the folds are
-    disjoint, cover every sample once, and hold each class in proportion."""
+    ``num_folds``. Each class is shuffled, the classes are laid end to end, and the samples are dealt to the
+    folds in turn (as scikit-learn's ``StratifiedKFold``): the folds are disjoint, cover every sample once,
+    differ in size by at most one, and each holds every class in proportion (within one sample)."""
     rng = np.random.default_rng(seed)
-    val = [
-        np.array_split(rng.permutation(idx), num_folds)[fold]
-        for idx in (np.flatnonzero(y == c) for c in np.unique(y))
-    ]
-    val = np.sort(np.concatenate(val))
+    order = np.concatenate([rng.permutation(np.flatnonzero(y == c)) for c in np.unique(y)])
+    val = np.sort(order[fold::num_folds])
     return np.setdiff1d(np.arange(len(y)), val), val
 
 
@@ -254,8 +252,10 @@ class UCRDataModule(L.LightningDataModule):
             raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
         if cv_folds is not None and (int(cv_folds) != cv_folds or cv_folds < 2):
             raise ValueError(f"cv_folds must be an integer >= 2 (or None), got {cv_folds}")
-        if cv_folds is not None and not 0 <= fold < cv_folds:
-            raise ValueError(f"fold must lie in [0, cv_folds={cv_folds}), got {fold}")
+        if cv_folds is not None and (int(fold) != fold or not 0 <= fold < cv_folds):
+            raise ValueError(f"fold must be an integer in [0, cv_folds={cv_folds}), got {fold}")
+        if cv_folds is None and fold != 0:
+            raise ValueError(f"fold={fold} needs cv_folds (the number of folds)")
         self.cv_folds = cv_folds
         self.fold = fold
         self.save_hyperparameters()

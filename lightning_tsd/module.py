@@ -216,7 +216,7 @@ class TemporalSaliencyDistiller(pl.LightningModule):
         if self.num_classes is not None:
             metrics["acc"] = MulticlassAccuracy(self.num_classes, average="micro")
             metrics["teacher_acc"] = MulticlassAccuracy(self.num_classes, average="micro")
-        metrics["loss"] = MeanMetric()  # the student's cross-entropy on labelled batches
+        metrics["loss"] = MeanMetric(nan_strategy="disable")  # the student's CE on labelled batches (NaN stays NaN)
         return MetricCollection(metrics, compute_groups=False)
 
     def setup(self, stage: str) -> None:
@@ -479,9 +479,13 @@ class TemporalSaliencyDistiller(pl.LightningModule):
         # read in `configure_optimizers`) builds the train loader *before* a checkpoint is restored, and
         # the fit loop then never hands the restored mid-epoch dataloader state to it, so a resumed fit
         # replays the epoch's first batches. Hand it over here, before the first batch is drawn.
+        # The fetcher's iterator already exists by then: make a new one, so that loaders which apply a loaded
+        # state when iterated (torchdata's StatefulDataLoader) resume too, not only lazy generators.
         fit_loop = self.trainer.fit_loop
-        if self.hparams.scheduler is not None and getattr(fit_loop, "_combined_loader_states_to_load", None):
+        if getattr(fit_loop, "_combined_loader_states_to_load", None):
             fit_loop._load_combined_loader_states()
+            if getattr(fit_loop, "_data_fetcher", None) is not None:
+                iter(fit_loop._data_fetcher)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self._good_batches_since_step == 0 and self.hparams.on_bad_batch == "skip":
@@ -507,7 +511,7 @@ class TemporalSaliencyDistiller(pl.LightningModule):
             metrics["acc"].update(student_logits, b.y)
             metrics["teacher_acc"].update(teacher_logits, b.y)
             # a metric, not self.log(sync_dist=True): ranks whose batches lack labels must not skip a collective
-            metrics["loss"].update(F.cross_entropy(student_logits.float(), b.y), weight=b.x.shape[0])
+            metrics["loss"].update(F.cross_entropy(student_logits.float(), b.y, reduction="none"))
 
     def _eval_epoch_end(self, stage: str) -> None:
         values: dict[str, Tensor] = {}
@@ -574,15 +578,31 @@ class TemporalSaliencyDistiller(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tsd_skipped_batches"] = self.skipped_batches
-        # the epoch's running train/agreement, so that a fit resumed mid-epoch logs the same epoch value
-        checkpoint["tsd_train_agreement"] = {k: v.detach().cpu() for k, v in self.train_agreement.metric_state.items()}
+        checkpoint["tsd_weight_scale"] = self.tsd_weight_scale
+        checkpoint["tsd_train_agreement"] = self._running_agreement_state()
         if self.teacher_cache is not None:
             checkpoint["tsd_teacher_cache"] = self.teacher_cache.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_batches = int(checkpoint.get("tsd_skipped_batches", 0))
-        for name, value in checkpoint.get("tsd_train_agreement", {}).items():
-            if name in self.train_agreement.metric_state:
-                setattr(self.train_agreement, name, value.to(self.train_agreement.device))
+        self.tsd_weight_scale = float(checkpoint.get("tsd_weight_scale", 1.0))
+        # The running agreement was summed over ranks when saved: rank 0 takes it, the others start from zero,
+        # so the synced epoch value counts every sample once.
+        if self.global_rank == 0:
+            for name, value in checkpoint.get("tsd_train_agreement", {}).items():
+                if name in self.train_agreement.metric_state:
+                    setattr(self.train_agreement, name, value.to(self.train_agreement.device))
         if self.teacher_cache is not None and "tsd_teacher_cache" in checkpoint:
             self.teacher_cache.load_state_dict(checkpoint["tsd_teacher_cache"])
+
+    def _running_agreement_state(self) -> dict[str, Tensor]:
+        """The epoch's running ``train/agreement`` state, summed over ranks, for a checkpoint taken mid-epoch
+        (empty at an epoch's end: the state then still holds the finished epoch, which a resumed fit must not
+        count again)."""
+        trainer = self._trainer
+        if trainer is None or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return {}
+        state = {k: v.detach().clone() for k, v in self.train_agreement.metric_state.items()}
+        if trainer.world_size > 1:  # every rank dumps the checkpoint (rank 0 writes it): a collective is safe
+            state = {k: trainer.strategy.reduce(v, reduce_op="sum") for k, v in state.items()}
+        return {k: v.cpu() for k, v in state.items()}

@@ -127,8 +127,23 @@ def test_cross_validation_folds_are_disjoint_stratified_and_cover_the_train_spli
     assert not torch.equal(module(name, cv_folds=k, fold=1, seed=8).val_dataset.index, folds[1].val_dataset.index)
 
 
+@pytest.mark.parametrize("counts,k", [([1, 1, 1], 3), ([7] * 10, 5), ([2, 9, 1], 4)])
+def test_cross_validation_folds_are_balanced_even_with_tiny_classes(counts, k):
+    from lightning_tsd.data import _stratified_fold
+
+    y = np.repeat(np.arange(len(counts)), counts)
+    folds = [_stratified_fold(y, k, f, seed=3)[1] for f in range(k)]
+    sizes = [len(v) for v in folds]
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1  # no empty validation fold
+    assert sorted(np.concatenate(folds).tolist()) == list(range(len(y)))
+    for c, n in enumerate(counts):  # each class spread as evenly as possible
+        per_fold = [int((y[v] == c).sum()) for v in folds]
+        assert max(per_fold) - min(per_fold) <= 1 and sum(per_fold) == n
+
+
 def test_cross_validation_options_are_checked():
-    for bad in ({"cv_folds": 1}, {"cv_folds": 2.5}, {"cv_folds": 3, "fold": 3}, {"cv_folds": 3, "fold": -1}):
+    for bad in ({"cv_folds": 1}, {"cv_folds": 2.5}, {"cv_folds": 3, "fold": 3}, {"cv_folds": 3, "fold": -1},
+                {"cv_folds": 3, "fold": 1.5}, {"fold": 1}):
         with pytest.raises(ValueError, match="cv_folds|fold"):
             UCRDataModule("GunPoint", **bad)
     tiny = UCRDataModule.from_arrays(np.random.default_rng(0).normal(size=(3, 1, 8)), [0, 1, 0], cv_folds=4)

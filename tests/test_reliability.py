@@ -164,6 +164,21 @@ class ResumableLoader(DataLoader):
         self._resume_epoch, self._skip = state["epoch"], state["consumed"]
 
 
+class EagerResumableLoader(ResumableLoader):
+    """Like torchdata's ``StatefulDataLoader``: a loaded state is applied when the next iterator is
+    created (``iter()``), not lazily at the first batch."""
+
+    def __iter__(self):
+        skip, self._skip, self._yielded = self._skip, 0, self._skip  # whatever state was loaded last
+        return self._batches(skip)
+
+    def _batches(self, skip):
+        for i, batch in enumerate(DataLoader.__iter__(self)):
+            if i >= skip:
+                self._yielded += 1
+                yield batch
+
+
 class CrashAt(pl.Callback):
     def __init__(self, step: int):
         self.step = step
@@ -173,7 +188,7 @@ class CrashAt(pl.Callback):
             raise RuntimeError(f"simulated crash at global step {self.step}")
 
 
-def resumable_fit(dirpath, crash_at=None, ckpt_path=None, scheduler=None, extra_callbacks=()):
+def resumable_fit(dirpath, crash_at=None, ckpt_path=None, scheduler=None, extra_callbacks=(), loader=ResumableLoader):
     pl.seed_everything(0)
     data = make_data(48)
     model = distiller(teacher_cache=True, tsd_weight=1.0, scheduler=scheduler)
@@ -184,20 +199,26 @@ def resumable_fit(dirpath, crash_at=None, ckpt_path=None, scheduler=None, extra_
     t = fit_trainer(max_epochs=3, callbacks=callbacks, enable_checkpointing=True, deterministic=True,
                     plugins=[AtomicCheckpointIO()], use_distributed_sampler=False)
     sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0)
-    t.fit(model, ResumableLoader(data, batch_size=16, sampler=sampler), ckpt_path=ckpt_path)
+    t.fit(model, loader(data, batch_size=16, sampler=sampler), ckpt_path=ckpt_path)
     return model, t
 
 
-@pytest.mark.parametrize("scheduler", [None, "cosine", "onecycle"])
-def test_resume_after_a_crash_mid_epoch_is_bit_exact(tmp_path, scheduler):
+@pytest.mark.parametrize(
+    "scheduler,loader",
+    [(None, ResumableLoader), ("cosine", ResumableLoader), ("onecycle", ResumableLoader),
+     (None, EagerResumableLoader), ("cosine", EagerResumableLoader)],
+    ids=["lazy", "lazy-cosine", "lazy-onecycle", "eager", "eager-cosine"],
+)
+def test_resume_after_a_crash_mid_epoch_is_bit_exact(tmp_path, scheduler, loader):
     # With a scheduler, Lightning builds the train loader early (estimated_stepping_batches) and would not
-    # restore its mid-epoch state; the distiller hands the state over in on_train_start.
-    straight, t_straight = resumable_fit(tmp_path / "straight", scheduler=scheduler)
+    # restore its mid-epoch state; the distiller hands the state over in on_train_start and makes a new
+    # iterator, so loaders that apply their state at iter() time (StatefulDataLoader) resume too.
+    straight, t_straight = resumable_fit(tmp_path / "straight", scheduler=scheduler, loader=loader)
     with pytest.raises(RuntimeError, match="simulated crash at global step 4"):
-        resumable_fit(tmp_path / "crashed", crash_at=4, scheduler=scheduler)  # epoch 2 (index 1), its second batch
+        resumable_fit(tmp_path / "crashed", crash_at=4, scheduler=scheduler, loader=loader)  # epoch 2, 2nd batch
     last = tmp_path / "crashed" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 4
-    resumed, t_resumed = resumable_fit(tmp_path / "crashed", ckpt_path=str(last), scheduler=scheduler)
+    resumed, t_resumed = resumable_fit(tmp_path / "crashed", ckpt_path=str(last), scheduler=scheduler, loader=loader)
     assert t_resumed.global_step == t_straight.global_step == 9
     assert state_equal(resumed.student.state_dict(), straight.student.state_dict())
     opt_a, opt_b = t_straight.optimizers[0].state_dict(), t_resumed.optimizers[0].state_dict()
@@ -305,6 +326,13 @@ def test_checkpoint_io_refuses_corrupt_and_unsafe_files(tmp_path):
             )
         with pytest.raises(CorruptCheckpointError):
             load_teacher(tmp_path / f"{name}.ckpt")
+
+    # an intact file that fails for another reason (here map_location) shows that reason, not "corrupt"
+    def bad_location(storage, location):
+        raise ZeroDivisionError("map_location failed")
+
+    with pytest.raises(ZeroDivisionError, match="map_location failed"):
+        io.load_checkpoint(tmp_path / "last.ckpt", map_location=bad_location)
 
     # Any damaged file is refused with one of our two errors, never an unpickler internal (IndexError, ...).
     # A random file whose first byte happens to be a GLOBAL opcode names code to import: "unsafe" is right.

@@ -137,15 +137,37 @@ def test_arguments_missing_metric_and_module_protocol_are_checked():
         trainer(max_epochs=1, callbacks=[ReduceTSDWeightOnAgreementDrop()]).fit(Plain(), loader(data))
 
 
-def test_the_running_train_agreement_is_kept_in_checkpoints():
-    model = distiller()
-    student = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0], [2.0, 0.0, 0.0]])
-    teacher = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
-    model.train_agreement.update(student, teacher)  # 2 of 4 agree
-    checkpoint = {}
-    model.on_save_checkpoint(checkpoint)
-    restored = distiller()
-    restored.on_load_checkpoint(checkpoint)
-    assert float(restored.train_agreement.compute()) == float(model.train_agreement.compute()) == 0.5
-    restored.on_load_checkpoint({})  # a checkpoint from before this state existed leaves it alone
-    assert int(restored.train_agreement.count) == 4
+def test_resuming_from_an_epoch_end_checkpoint_counts_each_epoch_once(tmp_path):
+    class Counts(Callback):
+        def __init__(self):
+            self.counts = []
+
+        def on_train_epoch_end(self, trainer, module):
+            self.counts.append(int(module.train_agreement.count))
+
+    data = make_data()
+    straight = Counts()
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    trainer(max_epochs=3, enable_checkpointing=True, callbacks=[ckpt, straight], limit_val_batches=0).fit(
+        distiller(), loader(data)
+    )
+    assert straight.counts == [48, 48, 48]
+    resumed = Counts()
+    trainer(max_epochs=3, callbacks=[resumed], limit_val_batches=0).fit(
+        distiller(), loader(data), ckpt_path=str(tmp_path / "epoch=0-step=3.ckpt")
+    )
+    assert resumed.counts == [48, 48]  # the finished epoch 0 is not counted again in epoch 1
+
+
+def test_the_weight_scale_is_kept_in_checkpoints_and_the_guard_starts_fresh_each_fit(tmp_path):
+    script = [0.9, 0.5]
+    guard = ReduceTSDWeightOnAgreementDrop(monitor="val/scripted", factor=0.5, tolerance=0.05)
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    model = scripted(script)
+    fit(model, guard, 2, enable_checkpointing=True, callbacks=[guard, ckpt])
+    assert model.tsd_weight_scale == 0.5
+    restored = ScriptedAgreement.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True, script=script)
+    assert restored.tsd_weight_scale == 0.5 and restored.current_tsd_weight() == 1.0
+    # the same guard object in a new fit (e.g. the next cross-validation fold) starts from scale 1
+    _, weights = fit(scripted([0.9, 0.9]), guard, 2)
+    assert weights == [2.0, 2.0] and guard.scale == 1.0 and len(guard.history) == 2
