@@ -199,11 +199,9 @@ def make_variants(
 
     variants["kd_cached_hand"] = kd_cached_hand
 
-    # (a'') the package's KD step: the distiller with tsd_weight=0 (computes no saliency), live / cached
-    def pkg_kd_step(cache: bool):
-        d = TemporalSaliencyDistiller(
-            teacher, fresh_student(), base_loss="kd", tsd_weight=0.0, teacher_cache=cache
-        ).to(device)
+    # the package's step: TemporalSaliencyDistiller.training_step + backward + Adam, live teacher or cached
+    def pkg_step(cache: bool, **options):
+        d = TemporalSaliencyDistiller(teacher, fresh_student(), base_loss="kd", teacher_cache=cache, **options).to(device)
         d.train()
         opt = d.configure_optimizers()
         if cache:
@@ -217,8 +215,9 @@ def make_variants(
 
         return step
 
-    variants["kd_live_pkg"] = pkg_kd_step(False)
-    variants["kd_cached_pkg"] = pkg_kd_step(True)
+    # (a'') the package's KD step: the distiller with tsd_weight=0 (computes no saliency), live / cached
+    variants["kd_live_pkg"] = pkg_step(False, tsd_weight=0.0)
+    variants["kd_cached_pkg"] = pkg_step(True, tsd_weight=0.0)
 
     for method, sal in (("gradient", hand_gradient_saliency), ("integrated_gradients", hand_ig_saliency)):
         if method == "integrated_gradients" and not with_ig:
@@ -226,33 +225,10 @@ def make_variants(
         suffix = "" if method == "gradient" else "_ig"
         options = {} if method == "gradient" else {"steps": 8}
 
-        # (b) package, live teacher, via the LightningModule's training_step
-        def pkg_step(cache: bool, method=method, options=options):
-            d = TemporalSaliencyDistiller(
-                teacher,
-                fresh_student(),
-                base_loss="kd",
-                tsd_weight=W_TSD,
-                saliency=method,
-                saliency_options=options,
-                alignment="pearson",
-                teacher_cache=cache,
-            ).to(device)
-            d.train()
-            opt = d.configure_optimizers()
-            if cache:
-                d.precompute_teacher_cache([batch])
-
-            def step():
-                loss = d.training_step(batch, 0)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
-            return step
-
-        variants[f"tsd_live_pkg{suffix}"] = pkg_step(False)
-        variants[f"tsd_cached_pkg{suffix}"] = pkg_step(True)
+        # (b) package, via the LightningModule's training_step
+        tsd = dict(tsd_weight=W_TSD, saliency=method, saliency_options=options, alignment="pearson")
+        variants[f"tsd_live_pkg{suffix}"] = pkg_step(False, **tsd)
+        variants[f"tsd_cached_pkg{suffix}"] = pkg_step(True, **tsd)
 
         # (b') package's TemporalSaliencyLoss inside a hand-written loop
         s_loss = fresh_student()
