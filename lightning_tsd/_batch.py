@@ -118,7 +118,9 @@ def unpack_batch(batch: Any, *, num_classes: int | None = None, check_values: bo
         x, y, mask, index = batch["x"], batch.get("y"), batch.get("mask"), batch.get("index")
     elif isinstance(batch, (tuple, list)):
         if not 1 <= len(batch) <= 3:
-            raise InvalidBatchError(f"a tuple batch must be (x,), (x, y) or (x, y, index), got {len(batch)} items")
+            raise InvalidBatchError(
+                f"a tuple batch must be (x,), (x, y) or (x, y, index), got {len(batch)} items"
+            )
         x = batch[0]
         y = batch[1] if len(batch) > 1 else None
         index = batch[2] if len(batch) > 2 else None

@@ -52,7 +52,9 @@ class TeacherCache:
         ([True, False], 2)
     """
 
-    def __init__(self, max_bytes: int = 2 * 1024**3, device: str | torch.device = "cpu", check_inputs: bool = True):
+    def __init__(
+        self, max_bytes: int = 2 * 1024**3, device: str | torch.device = "cpu", check_inputs: bool = True
+    ):
         self.max_bytes = int(max_bytes)
         self.device = torch.device(device)
         self.check_inputs = check_inputs
@@ -179,7 +181,9 @@ class TeacherCache:
             return
         length = None if saliency is None else saliency.shape[1]
         if self.logits is not None and logits.shape[1] != self.logits.shape[1]:
-            raise TeacherCacheError(f"cached logits have {self.logits.shape[1]} classes, got {logits.shape[1]}")
+            raise TeacherCacheError(
+                f"cached logits have {self.logits.shape[1]} classes, got {logits.shape[1]}"
+            )
         if self.saliency is not None and length is not None and length != self.saliency.shape[1]:
             raise TeacherCacheError(
                 f"cached saliency maps have T={self.saliency.shape[1]}, got T={length}: the teacher cache "

@@ -86,10 +86,14 @@ def save_teacher(model: nn.Module, path: str | os.PathLike, init_args: dict[str,
         >>> type(load_teacher(path)).__name__
         'FCN'
     """
-    spec = model_spec(model) if init_args is None else {
-        "class_path": f"{type(model).__module__}.{type(model).__qualname__}",
-        "init_args": dict(init_args),
-    }
+    spec = (
+        model_spec(model)
+        if init_args is None
+        else {
+            "class_path": f"{type(model).__module__}.{type(model).__qualname__}",
+            "init_args": dict(init_args),
+        }
+    )
     if spec is None:
         raise ValueError(
             f"cannot tell how to rebuild {type(model).__name__}: pass init_args=... (the keyword arguments "
@@ -145,14 +149,22 @@ def load_teacher(path: str | os.PathLike, map_location: Any = "cpu") -> nn.Modul
         model = build_from_spec(payload)
         model.load_state_dict(payload["state_dict"])
         return model
-    if isinstance(payload, dict) and "state_dict" in payload and "model_name" in payload.get("hyper_parameters", {}):
+    if (
+        isinstance(payload, dict)
+        and "state_dict" in payload
+        and "model_name" in payload.get("hyper_parameters", {})
+    ):
         # A TimeSeriesClassifier checkpoint: rebuild its reference model from the recorded hyperparameters.
         from lightning_tsd.models import build_model
 
         hp = payload["hyper_parameters"]
-        model = build_model(hp["model_name"], hp["in_channels"], hp["num_classes"], **(hp.get("model_kwargs") or {}))
+        model = build_model(
+            hp["model_name"], hp["in_channels"], hp["num_classes"], **(hp.get("model_kwargs") or {})
+        )
         prefix = "model."
-        model.load_state_dict({k[len(prefix):]: v for k, v in payload["state_dict"].items() if k.startswith(prefix)})
+        model.load_state_dict(
+            {k[len(prefix) :]: v for k, v in payload["state_dict"].items() if k.startswith(prefix)}
+        )
         return model
     raise CorruptCheckpointError(
         f"{path} is not a lightning-tsd teacher file (expected format {TEACHER_FORMAT!r} or a "

@@ -127,8 +127,12 @@ def saliency_alignment_loss(
         if temperature <= 0:
             raise ValueError(f"saliency temperature must be > 0, got {temperature}")
         pad = weight == 0
-        log_p_student = F.log_softmax((_zscore(student, weight) / temperature).masked_fill(pad, -torch.inf), 1)
-        log_p_teacher = F.log_softmax((_zscore(teacher, weight) / temperature).masked_fill(pad, -torch.inf), 1)
+        log_p_student = F.log_softmax(
+            (_zscore(student, weight) / temperature).masked_fill(pad, -torch.inf), 1
+        )
+        log_p_teacher = F.log_softmax(
+            (_zscore(teacher, weight) / temperature).masked_fill(pad, -torch.inf), 1
+        )
         per_step = log_p_teacher.exp() * (log_p_teacher - log_p_student)
         per_sample = per_step.masked_fill(pad, 0.0).sum(dim=1)
     else:

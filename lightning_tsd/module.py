@@ -160,8 +160,12 @@ class TemporalSaliencyDistiller(pl.LightningModule):
         # Record how to rebuild the models where that is known, so load_from_checkpoint needs no arguments.
         self.hparams["teacher"] = teacher_hparam or model_spec(teacher)
         self.hparams["student"] = model_spec(student)
-        self.hparams["base_loss"] = base_loss if isinstance(base_loss, str) else getattr(base_loss, "__name__", "callable")
-        self.hparams["optimizer"] = optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", "callable")
+        self.hparams["base_loss"] = (
+            base_loss if isinstance(base_loss, str) else getattr(base_loss, "__name__", "callable")
+        )
+        self.hparams["optimizer"] = (
+            optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", "callable")
+        )
         self.hparams["teacher_cache"] = bool(teacher_cache)
 
         self.teacher = teacher.requires_grad_(False).eval()
@@ -173,7 +177,11 @@ class TemporalSaliencyDistiller(pl.LightningModule):
             saliency, alignment, saliency_temperature, saliency_target, **(saliency_options or {})
         )
         self.teacher_cache = (
-            teacher_cache if isinstance(teacher_cache, TeacherCache) else TeacherCache() if teacher_cache else None
+            teacher_cache
+            if isinstance(teacher_cache, TeacherCache)
+            else TeacherCache()
+            if teacher_cache
+            else None
         )
         self.metrics = nn.ModuleDict({stage: self._stage_metrics() for stage in ("val", "test")})
         # top-1 agreement of the training batches, logged per epoch as train/agreement (synced across ranks)
@@ -188,7 +196,9 @@ class TemporalSaliencyDistiller(pl.LightningModule):
     @staticmethod
     def _check_options(base_loss, tsd_weight, tsd_warmup, tsd_every_n_steps, optimizer, scheduler) -> None:
         if not (callable(base_loss) or base_loss in BASE_LOSSES):
-            raise ValueError(f"unknown base_loss {base_loss!r}; choose one of {list(BASE_LOSSES)} or pass a callable")
+            raise ValueError(
+                f"unknown base_loss {base_loss!r}; choose one of {list(BASE_LOSSES)} or pass a callable"
+            )
         if tsd_weight < 0 or not math.isfinite(tsd_weight):
             raise ValueError(f"tsd_weight must be a finite number >= 0, got {tsd_weight}")
         if not 0.0 <= tsd_warmup < 1.0:
@@ -196,7 +206,9 @@ class TemporalSaliencyDistiller(pl.LightningModule):
         if tsd_every_n_steps < 1:
             raise ValueError(f"tsd_every_n_steps must be >= 1, got {tsd_every_n_steps}")
         if not (callable(optimizer) or optimizer in OPTIMIZERS):
-            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {list(OPTIMIZERS)} or pass a callable")
+            raise ValueError(
+                f"unknown optimizer {optimizer!r}; choose one of {list(OPTIMIZERS)} or pass a callable"
+            )
         if scheduler is not None and scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; choose None or one of {list(SCHEDULERS)}")
 
@@ -216,7 +228,9 @@ class TemporalSaliencyDistiller(pl.LightningModule):
         if self.num_classes is not None:
             metrics["acc"] = MulticlassAccuracy(self.num_classes, average="micro")
             metrics["teacher_acc"] = MulticlassAccuracy(self.num_classes, average="micro")
-        metrics["loss"] = MeanMetric(nan_strategy="disable")  # the student's CE on labelled batches (NaN stays NaN)
+        metrics["loss"] = MeanMetric(
+            nan_strategy="disable"
+        )  # the student's CE on labelled batches (NaN stays NaN)
         return MetricCollection(metrics, compute_groups=False)
 
     def setup(self, stage: str) -> None:
@@ -226,7 +240,9 @@ class TemporalSaliencyDistiller(pl.LightningModule):
                 f"{strategy} is not supported: TSD needs a double backward through the student, which "
                 f"sharded strategies do not provide. Use one of: {SUPPORTED_STRATEGIES}"
             )
-        if self.hparams.tsd_weight > 0 and any(isinstance(m, nn.SyncBatchNorm) for m in self.student.modules()):
+        if self.hparams.tsd_weight > 0 and any(
+            isinstance(m, nn.SyncBatchNorm) for m in self.student.modules()
+        ):
             raise ValueError(
                 "the student has SyncBatchNorm layers, which have no double backward: set "
                 "Trainer(sync_batchnorm=False), or student_train_mode=False"
@@ -300,7 +316,9 @@ class TemporalSaliencyDistiller(pl.LightningModule):
 
     def _check_logits(self, logits: Tensor, who: str) -> None:
         if self.num_classes is not None and logits.shape[1] != self.num_classes:
-            raise ValueError(f"the {who} returned {logits.shape[1]} classes but {self.num_classes} were expected")
+            raise ValueError(
+                f"the {who} returned {logits.shape[1]} classes but {self.num_classes} were expected"
+            )
 
     def current_tsd_weight(self) -> float:
         """``w_tsd`` at this step: 0 off the ``tsd_every_n_steps`` grid, ramped during the warm-up, times
@@ -354,7 +372,9 @@ class TemporalSaliencyDistiller(pl.LightningModule):
                     saliency[miss] = miss_saliency
         return logits, saliency if with_saliency else None
 
-    def base_loss_value(self, student_logits: Tensor, teacher_logits: Tensor, y: Tensor | None) -> Tensor | None:
+    def base_loss_value(
+        self, student_logits: Tensor, teacher_logits: Tensor, y: Tensor | None
+    ) -> Tensor | None:
         """The base distillation loss (None for ``base_loss="none"``)."""
         if self.base_loss == "kd":
             return kd_loss(student_logits, teacher_logits, self.hparams.temperature)
@@ -362,7 +382,12 @@ class TemporalSaliencyDistiller(pl.LightningModule):
             if y is None:
                 raise InvalidBatchError("base_loss='dkd' needs labels y in every batch")
             return dkd_loss(
-                student_logits, teacher_logits, y, self.hparams.dkd_alpha, self.hparams.dkd_beta, self.hparams.temperature
+                student_logits,
+                teacher_logits,
+                y,
+                self.hparams.dkd_alpha,
+                self.hparams.dkd_beta,
+                self.hparams.temperature,
             )
         if self.base_loss == "none":
             return None
@@ -376,7 +401,9 @@ class TemporalSaliencyDistiller(pl.LightningModule):
             raise InvalidBatchError(f"batch {batch_idx} has no labels y but ce_weight > 0; set ce_weight=0")
         self._check_batchnorm_batch(b, batch_idx)
         tsd_weight = self.current_tsd_weight()
-        snapshot = self._buffer_snapshot()  # a refused or skipped step leaves BatchNorm statistics as they were
+        snapshot = (
+            self._buffer_snapshot()
+        )  # a refused or skipped step leaves BatchNorm statistics as they were
         loss, parts, reason = None, {}, self._nonfinite_input(b) if skip_mode else None
         if reason is None:
             try:
@@ -384,7 +411,9 @@ class TemporalSaliencyDistiller(pl.LightningModule):
             except BaseException as err:
                 self._restore(snapshot)
                 if isinstance(err, RuntimeError):
-                    err.add_note(f"lightning-tsd: while training on {self._where(batch_idx)}, x of shape {tuple(b.x.shape)}")
+                    err.add_note(
+                        f"lightning-tsd: while training on {self._where(batch_idx)}, x of shape {tuple(b.x.shape)}"
+                    )
                 raise
             reason = self._nonfinite_loss(loss, parts, snapshot)
             if reason is not None and not skip_mode:
@@ -402,7 +431,9 @@ class TemporalSaliencyDistiller(pl.LightningModule):
         batch_size = b.x.shape[0]
         if self._last_logits is not None:
             self.train_agreement.update(*self._last_logits)
-            self.log("train/agreement", self.train_agreement, on_step=False, on_epoch=True, batch_size=batch_size)
+            self.log(
+                "train/agreement", self.train_agreement, on_step=False, on_epoch=True, batch_size=batch_size
+            )
             self._last_logits = None
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         for name, value in parts.items():
@@ -549,14 +580,18 @@ class TemporalSaliencyDistiller(pl.LightningModule):
         if callable(self.optimizer):
             optimizer = self.optimizer(params)
         else:
-            optimizer = OPTIMIZERS[self.optimizer](params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+            optimizer = OPTIMIZERS[self.optimizer](
+                params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+            )
         if self.hparams.scheduler is None:
             return optimizer
         total = int(self.trainer.estimated_stepping_batches)
         if self.hparams.scheduler == "cosine":
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total))
         else:
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=self.hparams.lr, total_steps=max(1, total))
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=self.hparams.lr, total_steps=max(1, total)
+            )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ teacher cache
@@ -571,7 +606,9 @@ class TemporalSaliencyDistiller(pl.LightningModule):
         for batch_idx, batch in enumerate(dataloader):
             b = self._unpack(move_data_to_device(batch, self.device), batch_idx)
             if b.index is None:
-                raise ValueError("precompute_teacher_cache needs batches with an 'index' (use IndexedDataset)")
+                raise ValueError(
+                    "precompute_teacher_cache needs batches with an 'index' (use IndexedDataset)"
+                )
             self.teacher_outputs(b, with_saliency=self.hparams.tsd_weight > 0, use_cache=True)
         self.teacher_cache.mark_synced()  # every rank ran the whole loader: nothing to exchange
         return len(self.teacher_cache)

@@ -23,14 +23,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         >>> trainer = pl.Trainer(plugins=[AtomicCheckpointIO()], logger=False, enable_progress_bar=False)
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
         if storage_options is not None:
             raise TypeError(
                 f"{type(self).__name__}.save_checkpoint takes no storage_options, got {storage_options!r}"
             )
         atomic_torch_save(checkpoint, path)
 
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         if weights_only is False:
             raise UnsafeCheckpointError(
                 f"{type(self).__name__} only loads checkpoints with weights_only=True; use Lightning's "

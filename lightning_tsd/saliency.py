@@ -146,7 +146,12 @@ def _logits_and_input_gradient(
 
 @_register("gradient")
 def gradient(
-    model: nn.Module, x: Tensor, target: Tensor | None, *, mask: Tensor | None = None, create_graph: bool = False
+    model: nn.Module,
+    x: Tensor,
+    target: Tensor | None,
+    *,
+    mask: Tensor | None = None,
+    create_graph: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``s_t = sum_c |dz_k / dx_{c,t}|`` (captum ``Saliency`` with ``abs=True``, summed over channels)."""
     logits, grad = _logits_and_input_gradient(model, x, target, mask, create_graph)
@@ -155,7 +160,12 @@ def gradient(
 
 @_register("input_x_gradient")
 def input_x_gradient(
-    model: nn.Module, x: Tensor, target: Tensor | None, *, mask: Tensor | None = None, create_graph: bool = False
+    model: nn.Module,
+    x: Tensor,
+    target: Tensor | None,
+    *,
+    mask: Tensor | None = None,
+    create_graph: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``s_t = sum_c |x_{c,t} * dz_k / dx_{c,t}|`` (captum ``InputXGradient``, abs, summed over channels)."""
     logits, grad = _logits_and_input_gradient(model, x, target, mask, create_graph)
@@ -289,7 +299,9 @@ def temporal_saliency(
         with saliency_kernels(x.device):
             # fp32 for fp32 (and mixed-precision) models; a float64 or bf16/fp16 model gets its own dtype.
             dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-            logits, saliency = estimator(model, x.to(dtype), target, mask=mask, create_graph=create_graph, **options)
+            logits, saliency = estimator(
+                model, x.to(dtype), target, mask=mask, create_graph=create_graph, **options
+            )
             saliency = saliency.float()
     if mask is not None:
         saliency = saliency * mask

@@ -54,14 +54,28 @@ def main(out_dir: str, scenario: str) -> None:
     teacher = TinyCNN(1, 3).eval()
     student = TinyCNN(1, 3, width=4, batchnorm=False)
     model = (RankDependentValue if scenario == "val" else TemporalSaliencyDistiller)(
-        teacher, student, saliency="gradient", tsd_weight=1.0, lr=0.01, optimizer="adam", teacher_cache=True,
+        teacher,
+        student,
+        saliency="gradient",
+        tsd_weight=1.0,
+        lr=0.01,
+        optimizer="adam",
+        teacher_cache=True,
         on_bad_batch="raise" if scenario == "raise" else "skip",
     )
     guard = ReduceTSDWeightOnAgreementDrop(monitor="val/rank_value", tolerance=0.1)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-        limit_val_batches=None if scenario == "val" else 0, num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        limit_val_batches=None if scenario == "val" else 0,
+        num_sanity_val_steps=0,
         callbacks=[guard] if scenario == "val" else None,
     )
     rank = trainer.global_rank
@@ -81,7 +95,9 @@ def main(out_dir: str, scenario: str) -> None:
         val = rank_batches(rank, poison=False)
         if rank == 1:
             val = [{"x": b["x"], "index": b["index"]} for b in val]  # no labels on this rank
-    trainer.fit(model, DataLoader(batches, batch_size=None), DataLoader(val, batch_size=None) if val else None)
+    trainer.fit(
+        model, DataLoader(batches, batch_size=None), DataLoader(val, batch_size=None) if val else None
+    )
     optimizer = trainer.optimizers[0].state_dict()
     torch.save(
         {

@@ -35,13 +35,29 @@ def main(out_dir: str, devices: int, methods: list[str]) -> None:
         student = TinyCNN(1, 3, width=4, batchnorm=False)
         options = {"window": 4, "stride": 4} if method == "occlusion" else None
         model = TemporalSaliencyDistiller(
-            teacher, student, saliency=method, saliency_options=options, ce_weight=0.0, kd_weight=0.0,
-            base_loss="none", tsd_weight=1.0, lr=0.05, optimizer="sgd", teacher_cache=True,
+            teacher,
+            student,
+            saliency=method,
+            saliency_options=options,
+            ce_weight=0.0,
+            kd_weight=0.0,
+            base_loss="none",
+            tsd_weight=1.0,
+            lr=0.05,
+            optimizer="sgd",
+            teacher_cache=True,
         )
         trainer = pl.Trainer(
-            accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_epochs=2,
-            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            limit_val_batches=0, use_distributed_sampler=False,
+            accelerator="cpu",
+            devices=devices,
+            strategy="ddp" if devices > 1 else "auto",
+            max_epochs=2,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            use_distributed_sampler=False,
         )
         # The same 16 samples per optimizer step in both runs: 2 ranks x 8 (rank r takes r, r+2, ...),
         # or 1 process x 16. Lightning's own distributed sampler would shuffle, so we set ours.

@@ -23,15 +23,24 @@ def main(out_dir: str) -> None:
     torch.manual_seed(0)
     model = TemporalSaliencyDistiller(TinyCNN(1, 3).eval(), TinyCNN(1, 3, width=4), saliency="gradient")
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=2,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         logger=WandbLogger(offline=True, save_dir=out_dir, project="tsd-ddp"),
-        callbacks=[SaliencyAlignmentMonitor(method="saliency", max_batches=2),
-                   SaliencyMapLogger(num_samples=2, method="saliency")],
+        callbacks=[
+            SaliencyAlignmentMonitor(method="saliency", max_batches=2),
+            SaliencyMapLogger(num_samples=2, method="saliency"),
+        ],
     )
     trainer.fit(model, DataLoader(data(), batch_size=8), DataLoader(data(), batch_size=8))
-    torch.save({k: float(v) for k, v in trainer.callback_metrics.items()},
-               os.path.join(out_dir, f"metrics-rank{trainer.global_rank}.pt"))
+    torch.save(
+        {k: float(v) for k, v in trainer.callback_metrics.items()},
+        os.path.join(out_dir, f"metrics-rank{trainer.global_rank}.pt"),
+    )
 
 
 if __name__ == "__main__":

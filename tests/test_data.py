@@ -124,7 +124,9 @@ def test_cross_validation_folds_are_disjoint_stratified_and_cover_the_train_spli
         assert np.all(np.abs(counts - share) < 1), (counts, share)
     again = module(name, cv_folds=k, fold=1, seed=7)
     assert torch.equal(again.val_dataset.index, folds[1].val_dataset.index)  # seeded
-    assert not torch.equal(module(name, cv_folds=k, fold=1, seed=8).val_dataset.index, folds[1].val_dataset.index)
+    assert not torch.equal(
+        module(name, cv_folds=k, fold=1, seed=8).val_dataset.index, folds[1].val_dataset.index
+    )
 
 
 @pytest.mark.parametrize("counts,k", [([1, 1, 1], 3), ([7] * 10, 5), ([2, 9, 1], 4)])
@@ -142,8 +144,14 @@ def test_cross_validation_folds_are_balanced_even_with_tiny_classes(counts, k):
 
 
 def test_cross_validation_options_are_checked():
-    for bad in ({"cv_folds": 1}, {"cv_folds": 2.5}, {"cv_folds": 3, "fold": 3}, {"cv_folds": 3, "fold": -1},
-                {"cv_folds": 3, "fold": 1.5}, {"fold": 1}):
+    for bad in (
+        {"cv_folds": 1},
+        {"cv_folds": 2.5},
+        {"cv_folds": 3, "fold": 3},
+        {"cv_folds": 3, "fold": -1},
+        {"cv_folds": 3, "fold": 1.5},
+        {"fold": 1},
+    ):
         with pytest.raises(ValueError, match="cv_folds|fold"):
             UCRDataModule("GunPoint", **bad)
     tiny = UCRDataModule.from_arrays(np.random.default_rng(0).normal(size=(3, 1, 8)), [0, 1, 0], cv_folds=4)

@@ -23,7 +23,10 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     for devices in (2, 1):
         result = subprocess.run(
             [sys.executable, str(SCRIPT), str(tmp_path), str(devices), *METHODS],
-            env=env, capture_output=True, text=True, timeout=240,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
         )
         assert result.returncode == 0, result.stderr[-3000:]
     torch.manual_seed(0)
@@ -37,7 +40,9 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
         assert rank0["cache_size"] == rank1["cache_size"] == single["cache_size"] == 32
         for name, value in single["student"].items():
             assert torch.equal(rank0["student"][name], rank1["student"][name]), (method, name)
-            torch.testing.assert_close(rank0["student"][name], value, rtol=1e-4, atol=1e-6, msg=f"{method} {name}")
+            torch.testing.assert_close(
+                rank0["student"][name], value, rtol=1e-4, atol=1e-6, msg=f"{method} {name}"
+            )
         # the TSD term alone moved every weight (biases before a ReLU get no second-order signal)
         moved = [not torch.equal(initial[n], v) for n, v in single["student"].items() if n.endswith("weight")]
         assert all(moved), method
@@ -46,10 +51,20 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
 @pytest.mark.ddp
 @pytest.mark.timeout(300)
 def test_ddp_wandb_offline_only_rank_zero_logs_and_nothing_hangs(tmp_path):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-           "WANDB_DIR": str(tmp_path)}
-    result = subprocess.run([sys.executable, str(SCRIPT.with_name("ddp_wandb.py")), str(tmp_path)],
-                            env=env, capture_output=True, text=True, timeout=240)
+    env = {
+        **os.environ,
+        "PYTHONWARNINGS": "ignore",
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_DIR": str(tmp_path),
+    }
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT.with_name("ddp_wandb.py")), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1  # rank 0 only

@@ -35,16 +35,29 @@ def test_cudnn_rnn_teacher_in_eval_and_student_double_backward(family):
     _, teacher_map = temporal_saliency(teacher, x, method="gradient")
     logits, student_map = temporal_saliency(student, x, method="integrated_gradients", create_graph=True)
     (student_map - teacher_map).pow(2).mean().backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for n, p in student.named_parameters() if "weight" in n)
+    assert all(
+        p.grad is not None and torch.isfinite(p.grad).all()
+        for n, p in student.named_parameters()
+        if "weight" in n
+    )
 
 
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
 def test_mixed_precision_fit_on_gpu_has_finite_losses_and_frozen_teacher(precision):
     torch.manual_seed(0)
-    model = TemporalSaliencyDistiller(TinyCNN(1, 3).eval(), TinyCNN(1, 3, width=4), saliency="integrated_gradients")
+    model = TemporalSaliencyDistiller(
+        TinyCNN(1, 3).eval(), TinyCNN(1, 3, width=4), saliency="integrated_gradients"
+    )
     before = copy.deepcopy(model.teacher.state_dict())
-    trainer = pl.Trainer(accelerator="gpu", devices=1, precision=precision, max_epochs=2, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False)
+    trainer = pl.Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision=precision,
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
     trainer.fit(model, DataLoader(_data(), batch_size=8), DataLoader(_data(), batch_size=16))
     for key in ("train/loss", "train/tsd", "val/acc", "val/kl"):
         assert torch.isfinite(trainer.callback_metrics[key]), key

@@ -45,16 +45,27 @@ GOOD = batches(n=1)[0]  # x (8, 1, 20), y, index
         ({"x": torch.zeros(0, 1, 20), "y": torch.zeros(0, dtype=torch.long)}, "empty batch"),
         ({**GOOD, "x": torch.zeros(8, 1, 0)}, "no timesteps"),
         ({**GOOD, "x": GOOD["x"].long()}, "floating-point tensor, got dtype torch.int64"),
-        ({**GOOD, "mask": torch.zeros(8, 20, dtype=torch.bool).index_fill(0, torch.tensor([0]), True)},
-         r"mask has no real step for sample\(s\) at batch position\(s\) \[1, 2, 3, 4, 5, 6, 7\]"),
+        (
+            {**GOOD, "mask": torch.zeros(8, 20, dtype=torch.bool).index_fill(0, torch.tensor([0]), True)},
+            r"mask has no real step for sample\(s\) at batch position\(s\) \[1, 2, 3, 4, 5, 6, 7\]",
+        ),
         ({**GOOD, "y": GOOD["y"] + 3}, r"labels must lie in \[0, 3\)"),
         ({**GOOD, "y": GOOD["y"] - 1 - GOOD["y"]}, r"labels must lie in \[0, 3\), got values in \[-1"),
         ({**GOOD, "y": GOOD["y"].float()}, "labels y must be an integer tensor"),
         ({**GOOD, "index": GOOD["index"].float()}, "index must be an integer tensor"),
         ({"x": torch.randn(1, 1, 1), "y": torch.tensor([0])}, "one sample of one step"),
     ],
-    ids=["empty", "no-steps", "int64", "mask-no-real-step", "label-high", "label-negative", "float-labels",
-         "float-index", "batchnorm-one-value"],
+    ids=[
+        "empty",
+        "no-steps",
+        "int64",
+        "mask-no-real-step",
+        "label-high",
+        "label-negative",
+        "float-labels",
+        "float-index",
+        "batchnorm-one-value",
+    ],
 )
 def test_bad_batches_are_refused_with_clear_errors_and_no_state_change(batch, match):
     refused_untouched(batch, InvalidBatchError, match)
@@ -70,8 +81,12 @@ def test_batch_of_one_with_batchnorm_trains_over_time_and_eval_mode_takes_one_st
 
 def test_series_of_one_step_and_shorter_than_the_receptive_field():
     fit_one(distiller(tsd_weight=1.0), {"x": torch.randn(4, 1, 1), "y": torch.tensor([0, 1, 2, 0])})
-    refused_untouched({"x": torch.randn(4, 1, 1), "y": torch.tensor([0, 1, 2, 0])}, ValueError,
-                      r"occlusion window must lie in \[1, T=1\]", saliency="occlusion")
+    refused_untouched(
+        {"x": torch.randn(4, 1, 1), "y": torch.tensor([0, 1, 2, 0])},
+        ValueError,
+        r"occlusion window must lie in \[1, T=1\]",
+        saliency="occlusion",
+    )
 
     class Unpadded(nn.Module):  # receptive field 5, no padding
         def __init__(self, width):
@@ -88,7 +103,10 @@ def test_series_of_one_step_and_shorter_than_the_receptive_field():
     before = copy.deepcopy(model.student.state_dict())
     with pytest.raises(RuntimeError, match="Kernel size can't be greater") as info:
         fit_one(model, {"x": torch.randn(4, 1, 3), "y": torch.tensor([0, 1, 2, 0]), "index": torch.arange(4)})
-    assert any("while training on batch 0 of epoch 0" in note and "(4, 1, 3)" in note for note in info.value.__notes__)
+    assert any(
+        "while training on batch 0 of epoch 0" in note and "(4, 1, 3)" in note
+        for note in info.value.__notes__
+    )
     assert state_equal(model.student.state_dict(), before) and len(model.teacher_cache) == 0
 
 
@@ -134,8 +152,12 @@ def test_teacher_returning_a_dict_and_student_a_tuple():
             return super().forward(x, mask), x.mean(-1)
 
     torch.manual_seed(0)
-    model = distiller(teacher=DictTeacher(1, 3).eval(), student=TupleStudent(1, 3, width=4), tsd_weight=1.0,
-                      saliency="integrated_gradients")
+    model = distiller(
+        teacher=DictTeacher(1, 3).eval(),
+        student=TupleStudent(1, 3, width=4),
+        tsd_weight=1.0,
+        saliency="integrated_gradients",
+    )
     fit_one(model, GOOD)
     assert torch.isfinite(model.trainer.callback_metrics["train/tsd"])
 
@@ -187,10 +209,13 @@ FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=[HealthChe
 
 @FUZZ
 @given(
-    b=st.integers(1, 4), c=st.integers(1, 3), t=st.integers(1, 40),
+    b=st.integers(1, 4),
+    c=st.integers(1, 3),
+    t=st.integers(1, 40),
     scale=st.sampled_from([0.0, 1e-30, 1.0, 1e6, 1e30]),
     method=st.sampled_from(["gradient", "input_x_gradient", "integrated_gradients", "occlusion"]),
-    seed=st.integers(0, 2**16), pad=st.booleans(),
+    seed=st.integers(0, 2**16),
+    pad=st.booleans(),
 )
 def test_temporal_saliency_on_generated_shapes_and_values(b, c, t, scale, method, seed, pad):
     g = torch.Generator().manual_seed(seed)
@@ -209,8 +234,16 @@ def test_temporal_saliency_on_generated_shapes_and_values(b, c, t, scale, method
         assert bool((saliency[~mask] == 0).all())
 
 
-maps = st.integers(1, 4).flatmap(lambda b: st.integers(1, 30).flatmap(lambda t: st.tuples(
-    st.just((b, t)), st.sampled_from([0.0, 1e-30, 1.0, 1e6, 1e30]), st.integers(0, 2**16), st.booleans())))
+maps = st.integers(1, 4).flatmap(
+    lambda b: st.integers(1, 30).flatmap(
+        lambda t: st.tuples(
+            st.just((b, t)),
+            st.sampled_from([0.0, 1e-30, 1.0, 1e6, 1e30]),
+            st.integers(0, 2**16),
+            st.booleans(),
+        )
+    )
+)
 
 
 @FUZZ
@@ -230,8 +263,13 @@ def test_alignment_loss_is_finite_non_negative_with_finite_gradients(spec, align
 
 
 @FUZZ
-@given(b=st.integers(1, 8), k=st.integers(2, 10), scale=st.sampled_from([0.0, 1.0, 1e3, 1e6]),
-       seed=st.integers(0, 2**16), temperature=st.sampled_from([1.0, 4.0]))
+@given(
+    b=st.integers(1, 8),
+    k=st.integers(2, 10),
+    scale=st.sampled_from([0.0, 1.0, 1e3, 1e6]),
+    seed=st.integers(0, 2**16),
+    temperature=st.sampled_from([1.0, 4.0]),
+)
 def test_kd_loss_is_finite_and_non_negative(b, k, scale, seed, temperature):
     g = torch.Generator().manual_seed(seed)
     s, t = torch.randn(b, k, generator=g) * scale, torch.randn(b, k, generator=g) * scale

@@ -25,7 +25,9 @@ def test_kd_loss_hand_computed():
     tau = 2.0
     p = torch.softmax(teacher / tau, 1)
     expected_tau = tau**2 * float((p * (p.log() - math.log(0.5))).sum())
-    assert float(kd_loss(student.repeat(2, 1), teacher.repeat(2, 1), tau)) == pytest.approx(expected_tau, rel=1e-6)
+    assert float(kd_loss(student.repeat(2, 1), teacher.repeat(2, 1), tau)) == pytest.approx(
+        expected_tau, rel=1e-6
+    )
 
 
 def _dkd_reference(logits_student, logits_teacher, target, alpha, beta, temperature):
@@ -44,7 +46,11 @@ def _dkd_reference(logits_student, logits_teacher, target, alpha, beta, temperat
     tckd = F.kl_div(log_pred_student, pred_teacher, reduction="sum") * temperature**2 / target.shape[0]
     pred_teacher_part2 = F.softmax(logits_teacher / temperature - 1000.0 * gt_mask, dim=1)
     log_pred_student_part2 = F.log_softmax(logits_student / temperature - 1000.0 * gt_mask, dim=1)
-    nckd = F.kl_div(log_pred_student_part2, pred_teacher_part2, reduction="sum") * temperature**2 / target.shape[0]
+    nckd = (
+        F.kl_div(log_pred_student_part2, pred_teacher_part2, reduction="sum")
+        * temperature**2
+        / target.shape[0]
+    )
     return alpha * tckd + beta * nckd
 
 
@@ -71,7 +77,9 @@ def test_kl_alignment_hand_computed():
     student = torch.tensor([[5.0, 5.0]])  # z-scored: (0, 0)
     p = torch.softmax(torch.tensor([-1.0, 1.0]) / 0.5, 0)
     expected = float((p * (p.log() - math.log(0.5))).sum())
-    assert float(saliency_alignment_loss(student, teacher, "kl", temperature=0.5)) == pytest.approx(expected, rel=1e-5)
+    assert float(saliency_alignment_loss(student, teacher, "kl", temperature=0.5)) == pytest.approx(
+        expected, rel=1e-5
+    )
 
 
 def test_mask_excludes_padded_steps_from_every_alignment():
@@ -79,11 +87,15 @@ def test_mask_excludes_padded_steps_from_every_alignment():
     student = torch.tensor([[2.0, 4.0, 6.0, 9.0, -7.0]])  # = 2 * teacher on the real steps
     mask = torch.tensor([[True, True, True, False, False]])
     for alignment in ("kl", "pearson", "cosine"):
-        assert float(saliency_alignment_loss(student, teacher, alignment, mask=mask)) == pytest.approx(0.0, abs=1e-6)
+        assert float(saliency_alignment_loss(student, teacher, alignment, mask=mask)) == pytest.approx(
+            0.0, abs=1e-6
+        )
         assert float(saliency_alignment_loss(student, teacher, alignment)) > 1e-3
 
 
-maps = arrays("float32", st.tuples(st.integers(1, 4), st.integers(2, 24)), elements=st.floats(0, 100, width=32))
+maps = arrays(
+    "float32", st.tuples(st.integers(1, 4), st.integers(2, 24)), elements=st.floats(0, 100, width=32)
+)
 
 
 @pytest.mark.parametrize("alignment", ["kl", "pearson", "cosine"])

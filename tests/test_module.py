@@ -23,13 +23,20 @@ def make_data(n: int = 48, length: int = 20, channels: int = 1, classes: int = 3
 
 
 def loader(data, batch_size=16, shuffle=False, seed=0):
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        data, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def trainer(**kwargs) -> pl.Trainer:
     options = dict(
-        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0,
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
     )
     options.update(kwargs)
     return pl.Trainer(**options)
@@ -119,7 +126,9 @@ def test_tsd_weight_zero_is_exactly_the_base_method():
     trainer(max_epochs=2, limit_val_batches=0).fit(a, loader(data, shuffle=True))
     torch.manual_seed(0)
     teacher, student = TinyCNN(1, 3).eval(), TinyCNN(1, 3, width=4)
-    b = TemporalSaliencyDistiller(teacher, student, tsd_weight=0.0, saliency="integrated_gradients", alignment="kl")
+    b = TemporalSaliencyDistiller(
+        teacher, student, tsd_weight=0.0, saliency="integrated_gradients", alignment="kl"
+    )
     trainer(max_epochs=2, limit_val_batches=0).fit(b, loader(data, shuffle=True))
     for (name, p), q in zip(a.student.named_parameters(), b.student.parameters()):
         assert torch.equal(p, q), name
@@ -135,7 +144,9 @@ def test_teacher_cache_runs_teacher_only_in_first_epoch_and_trains_the_same_stud
         def on_train_epoch_end(self, trainer, module):
             per_epoch.append(len(calls))
 
-    trainer(max_epochs=3, limit_val_batches=0, callbacks=[EpochCalls()]).fit(cached, loader(data, shuffle=True))
+    trainer(max_epochs=3, limit_val_batches=0, callbacks=[EpochCalls()]).fit(
+        cached, loader(data, shuffle=True)
+    )
     assert per_epoch == [3, 3, 3]  # 3 batches in epoch 1, none after
     assert len(cached.teacher_cache) == len(data)
 
@@ -180,7 +191,9 @@ def test_every_family_as_teacher_and_student(family, saliency):
         FAMILIES[family](1, 3), FAMILIES[family](1, 3), saliency=saliency, saliency_options=options or None
     )
     before = copy.deepcopy(model.student.state_dict())
-    trainer(max_steps=2, limit_val_batches=1).fit(model, loader(make_data(n=16, length=12), batch_size=8), loader(make_data(n=8, length=12)))
+    trainer(max_steps=2, limit_val_batches=1).fit(
+        model, loader(make_data(n=16, length=12), batch_size=8), loader(make_data(n=8, length=12))
+    )
     assert torch.isfinite(model.trainer.callback_metrics["train/tsd"])
     assert any(not torch.equal(before[k], v) for k, v in model.student.state_dict().items())
 
@@ -195,7 +208,9 @@ def test_student_eval_mode_option_keeps_student_in_eval():
 
 def test_bf16_mixed_on_cpu_gives_finite_losses():
     model = distiller(tsd_weight=1.0, saliency="integrated_gradients")
-    trainer(max_steps=3, precision="bf16-mixed", limit_val_batches=1).fit(model, loader(make_data()), loader(make_data()))
+    trainer(max_steps=3, precision="bf16-mixed", limit_val_batches=1).fit(
+        model, loader(make_data()), loader(make_data())
+    )
     metrics = model.trainer.callback_metrics
     for key in ("train/loss", "train/tsd", "train/ce", "train/kd", "val/acc"):
         assert torch.isfinite(metrics[key]), key
@@ -220,11 +235,17 @@ def test_validation_logs_accuracy_agreement_and_kl_equal_to_direct_computation()
         model.eval()
         s, t = model.student(x), model.teacher(x)
     assert float(metrics["val/acc"]) == pytest.approx(float((s.argmax(1) == y).float().mean()), abs=1e-6)
-    assert float(metrics["val/agreement"]) == pytest.approx(float((s.argmax(1) == t.argmax(1)).float().mean()), abs=1e-6)
-    kl = torch.nn.functional.kl_div(s.log_softmax(1), t.log_softmax(1), log_target=True, reduction="batchmean")
+    assert float(metrics["val/agreement"]) == pytest.approx(
+        float((s.argmax(1) == t.argmax(1)).float().mean()), abs=1e-6
+    )
+    kl = torch.nn.functional.kl_div(
+        s.log_softmax(1), t.log_softmax(1), log_target=True, reduction="batchmean"
+    )
     assert float(metrics["val/kl"]) == pytest.approx(float(kl), rel=1e-4)
     # the mean over samples (batches of 7 leave a last batch of 6: a per-batch mean would differ)
-    assert float(metrics["val/loss"]) == pytest.approx(float(torch.nn.functional.cross_entropy(s, y)), rel=1e-5)
+    assert float(metrics["val/loss"]) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(s, y)), rel=1e-5
+    )
 
 
 # ---------------------------------------------------------------------------------- errors
@@ -243,8 +264,10 @@ def test_teacher_must_be_a_module():
     [
         (lambda b: {**b, "x": b["x"].unsqueeze(0)}, r"rank 4 with shape \(1, 16, 1, 20\)"),
         (lambda b: {**b, "x": b["x"].long()}, "floating-point tensor, got dtype torch.int64"),
-        (lambda b: {**b, "x": b["x"].index_put((torch.tensor([0, 3]),), torch.tensor(float("nan")))},
-         "40 non-finite value"),
+        (
+            lambda b: {**b, "x": b["x"].index_put((torch.tensor([0, 3]),), torch.tensor(float("nan")))},
+            "40 non-finite value",
+        ),
         (lambda b: {**b, "y": b["y"] + 7}, r"labels must lie in \[0, 3\)"),
         (lambda b: {**b, "mask": torch.zeros(16, 20, dtype=torch.bool)}, "mask has no real step"),
     ],
@@ -276,7 +299,9 @@ def test_teacher_from_safe_file_and_unsafe_file_refused(tmp_path):
     path = tmp_path / "teacher.pt"
     save_teacher(teacher, path)
     model = TemporalSaliencyDistiller(str(path), TinyCNN(1, 3, width=4))
-    assert all(torch.equal(a, b) for a, b in zip(model.teacher.state_dict().values(), teacher.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.teacher.state_dict().values(), teacher.state_dict().values())
+    )
     assert not model.teacher.training
 
     marker = tmp_path / "pwned"
@@ -297,12 +322,18 @@ def test_resume_from_last_checkpoint_and_load_without_arguments(tmp_path):
     data = make_data()
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
     model = distiller(teacher_cache=True)
-    trainer(max_epochs=1, enable_checkpointing=True, callbacks=[ckpt], limit_val_batches=0).fit(model, loader(data))
+    trainer(max_epochs=1, enable_checkpointing=True, callbacks=[ckpt], limit_val_batches=0).fit(
+        model, loader(data)
+    )
     assert (tmp_path / "last.ckpt").exists()
 
     resumed = distiller(teacher_cache=True)
-    t = trainer(max_epochs=2, enable_checkpointing=True, callbacks=[pl.callbacks.ModelCheckpoint(dirpath=tmp_path)],
-                limit_val_batches=0)
+    t = trainer(
+        max_epochs=2,
+        enable_checkpointing=True,
+        callbacks=[pl.callbacks.ModelCheckpoint(dirpath=tmp_path)],
+        limit_val_batches=0,
+    )
     calls = count_forwards(resumed.teacher)
     t.fit(resumed, loader(data), ckpt_path=str(tmp_path / "last.ckpt"))
     assert t.current_epoch == 2 and calls == []  # the cache survived the resume

@@ -20,9 +20,16 @@ class TSDTrace(Callback):
 
 def test_gunpoint_fit_tsd_loss_goes_down_and_student_learns():
     pl.seed_everything(0)
-    data = UCRDataModule("GunPoint", batch_size=16, seed=0, val_fraction=0.0)  # validate on the 150 test series
-    kwargs = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                  enable_model_summary=False)
+    data = UCRDataModule(
+        "GunPoint", batch_size=16, seed=0, val_fraction=0.0
+    )  # validate on the 150 test series
+    kwargs = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     teacher = TimeSeriesClassifier(FCN(1, 2, num_filters=16), lr=3e-3)
     pl.Trainer(max_epochs=20, **kwargs).fit(teacher, datamodule=data)
 

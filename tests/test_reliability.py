@@ -27,8 +27,14 @@ FAULTS = Path(__file__).with_name("ddp_faults.py")
 
 def fit_trainer(**kwargs) -> pl.Trainer:
     options = dict(
-        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
     )
     options.update(kwargs)
     return pl.Trainer(**options)
@@ -97,7 +103,9 @@ def test_ddp_faults_skip_together_or_fail_without_hanging(tmp_path):
         procs[scenario] = subprocess.Popen(
             [sys.executable, str(FAULTS), str(tmp_path), scenario],
             env={**env, "MASTER_PORT": str(29420 + 7 * port + os.getpid() % 50)},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
     outputs = {}
     for scenario, proc in procs.items():
@@ -124,8 +132,13 @@ def test_ddp_faults_skip_together_or_fail_without_hanging(tmp_path):
 
 def test_ddp_validation_with_labels_on_one_rank_only_and_the_weight_guard_decide_together(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(29480 + os.getpid() % 50)}
-    proc = subprocess.run([sys.executable, str(FAULTS), str(tmp_path), "val"], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(FAULTS), str(tmp_path), "val"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"val-rank{r}.pt", weights_only=True) for r in (0, 1))
     # accuracy from rank 0's labelled batches, computed on both ranks (no hang: both called compute())
@@ -188,16 +201,26 @@ class CrashAt(pl.Callback):
             raise RuntimeError(f"simulated crash at global step {self.step}")
 
 
-def resumable_fit(dirpath, crash_at=None, ckpt_path=None, scheduler=None, extra_callbacks=(), loader=ResumableLoader):
+def resumable_fit(
+    dirpath, crash_at=None, ckpt_path=None, scheduler=None, extra_callbacks=(), loader=ResumableLoader
+):
     pl.seed_everything(0)
     data = make_data(48)
     model = distiller(teacher_cache=True, tsd_weight=1.0, scheduler=scheduler)
-    callbacks = [pl.callbacks.ModelCheckpoint(dirpath=dirpath, save_last=True, every_n_train_steps=1, save_top_k=0)]
+    callbacks = [
+        pl.callbacks.ModelCheckpoint(dirpath=dirpath, save_last=True, every_n_train_steps=1, save_top_k=0)
+    ]
     callbacks += list(extra_callbacks)
     if crash_at is not None:
         callbacks.append(CrashAt(crash_at))
-    t = fit_trainer(max_epochs=3, callbacks=callbacks, enable_checkpointing=True, deterministic=True,
-                    plugins=[AtomicCheckpointIO()], use_distributed_sampler=False)
+    t = fit_trainer(
+        max_epochs=3,
+        callbacks=callbacks,
+        enable_checkpointing=True,
+        deterministic=True,
+        plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,
+    )
     sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0)
     t.fit(model, loader(data, batch_size=16, sampler=sampler), ckpt_path=ckpt_path)
     return model, t
@@ -205,8 +228,13 @@ def resumable_fit(dirpath, crash_at=None, ckpt_path=None, scheduler=None, extra_
 
 @pytest.mark.parametrize(
     "scheduler,loader",
-    [(None, ResumableLoader), ("cosine", ResumableLoader), ("onecycle", ResumableLoader),
-     (None, EagerResumableLoader), ("cosine", EagerResumableLoader)],
+    [
+        (None, ResumableLoader),
+        ("cosine", ResumableLoader),
+        ("onecycle", ResumableLoader),
+        (None, EagerResumableLoader),
+        ("cosine", EagerResumableLoader),
+    ],
     ids=["lazy", "lazy-cosine", "lazy-onecycle", "eager", "eager-cosine"],
 )
 def test_resume_after_a_crash_mid_epoch_is_bit_exact(tmp_path, scheduler, loader):
@@ -215,10 +243,14 @@ def test_resume_after_a_crash_mid_epoch_is_bit_exact(tmp_path, scheduler, loader
     # iterator, so loaders that apply their state at iter() time (StatefulDataLoader) resume too.
     straight, t_straight = resumable_fit(tmp_path / "straight", scheduler=scheduler, loader=loader)
     with pytest.raises(RuntimeError, match="simulated crash at global step 4"):
-        resumable_fit(tmp_path / "crashed", crash_at=4, scheduler=scheduler, loader=loader)  # epoch 2, 2nd batch
+        resumable_fit(
+            tmp_path / "crashed", crash_at=4, scheduler=scheduler, loader=loader
+        )  # epoch 2, 2nd batch
     last = tmp_path / "crashed" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 4
-    resumed, t_resumed = resumable_fit(tmp_path / "crashed", ckpt_path=str(last), scheduler=scheduler, loader=loader)
+    resumed, t_resumed = resumable_fit(
+        tmp_path / "crashed", ckpt_path=str(last), scheduler=scheduler, loader=loader
+    )
     assert t_resumed.global_step == t_straight.global_step == 9
     assert state_equal(resumed.student.state_dict(), straight.student.state_dict())
     opt_a, opt_b = t_straight.optimizers[0].state_dict(), t_resumed.optimizers[0].state_dict()
@@ -242,8 +274,13 @@ def test_sigkill_mid_epoch_then_resume_in_a_new_process_is_bit_exact(tmp_path):
 
     def run(directory, mode):
         directory.mkdir(exist_ok=True)
-        return subprocess.run([sys.executable, str(CRASH), str(directory), mode, "cosine"], env=env,
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, str(CRASH), str(directory), mode, "cosine"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     straight = run(tmp_path / "straight", "straight")
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -308,20 +345,29 @@ def test_interrupted_lightning_save_leaves_the_previous_checkpoint_intact(tmp_pa
 
 def test_checkpoint_io_refuses_corrupt_and_unsafe_files(tmp_path):
     model = distiller(teacher_cache=True)
-    t = fit_trainer(max_steps=1, enable_checkpointing=True, plugins=[AtomicCheckpointIO()],
-                    callbacks=[pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+    t = fit_trainer(
+        max_steps=1,
+        enable_checkpointing=True,
+        plugins=[AtomicCheckpointIO()],
+        callbacks=[pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+    )
     t.fit(model, DataLoader(batches()[:1], batch_size=None))
     good = (tmp_path / "last.ckpt").read_bytes()
     io = AtomicCheckpointIO()
     assert io.load_checkpoint(tmp_path / "last.ckpt")["global_step"] == 1
 
-    for name, content in {"truncated": good[: len(good) // 2], "garbage": random.Random(0).randbytes(256), "empty": b""}.items():
+    for name, content in {
+        "truncated": good[: len(good) // 2],
+        "garbage": random.Random(0).randbytes(256),
+        "empty": b"",
+    }.items():
         (tmp_path / f"{name}.ckpt").write_bytes(content)
         with pytest.raises(CorruptCheckpointError, match="truncated or corrupt|cannot read"):
             io.load_checkpoint(tmp_path / f"{name}.ckpt")
         with pytest.raises(CorruptCheckpointError):
             fit_trainer(max_steps=2, plugins=[AtomicCheckpointIO()]).fit(
-                distiller(teacher_cache=True), DataLoader(batches()[:1], batch_size=None),
+                distiller(teacher_cache=True),
+                DataLoader(batches()[:1], batch_size=None),
                 ckpt_path=str(tmp_path / f"{name}.ckpt"),
             )
         with pytest.raises(CorruptCheckpointError):

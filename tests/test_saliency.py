@@ -49,7 +49,9 @@ def test_integrated_gradients_equals_captum_riemann_middle(model_and_input, step
 def test_occlusion_equals_captum(model_and_input, window, stride):
     model, x, target = model_and_input
     _, ours = temporal_saliency(model, x, target, method="occlusion", window=window, stride=stride)
-    theirs = Occlusion(model).attribute(x, target=target, sliding_window_shapes=(2, window), strides=(2, stride))
+    theirs = Occlusion(model).attribute(
+        x, target=target, sliding_window_shapes=(2, window), strides=(2, stride)
+    )
     # captum gives every channel the window's score; we report it once per timestep.
     torch.testing.assert_close(ours, theirs[:, 0], atol=1e-5, rtol=0)
 

@@ -29,7 +29,9 @@ class ScriptedAgreement(TemporalSaliencyDistiller):
 def scripted(script, **kwargs):
     torch.manual_seed(0)
     kwargs.setdefault("saliency", "gradient")
-    return ScriptedAgreement(TinyCNN(1, 3).eval(), TinyCNN(1, 3, width=4), script=script, tsd_weight=2.0, **kwargs)
+    return ScriptedAgreement(
+        TinyCNN(1, 3).eval(), TinyCNN(1, 3, width=4), script=script, tsd_weight=2.0, **kwargs
+    )
 
 
 class WeightProbe(Callback):
@@ -67,7 +69,9 @@ def test_a_drop_beyond_the_tolerance_halves_the_weight_for_the_next_epoch():
 
 def test_patience_and_min_scale_switch_the_term_off(monkeypatch):
     script = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
-    guard = ReduceTSDWeightOnAgreementDrop(monitor="val/scripted", factor=0.5, tolerance=0.0, patience=1, min_scale=0.3)
+    guard = ReduceTSDWeightOnAgreementDrop(
+        monitor="val/scripted", factor=0.5, tolerance=0.0, patience=1, min_scale=0.3
+    )
     model = scripted(script)
     _, weights = fit(model, guard, len(script))
     # patience 1: the second drop in a row cuts (each cut resets the best, so the count starts again)
@@ -166,7 +170,9 @@ def test_the_weight_scale_is_kept_in_checkpoints_and_the_guard_starts_fresh_each
     model = scripted(script)
     fit(model, guard, 2, enable_checkpointing=True, callbacks=[guard, ckpt])
     assert model.tsd_weight_scale == 0.5
-    restored = ScriptedAgreement.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True, script=script)
+    restored = ScriptedAgreement.load_from_checkpoint(
+        tmp_path / "last.ckpt", weights_only=True, script=script
+    )
     assert restored.tsd_weight_scale == 0.5 and restored.current_tsd_weight() == 1.0
     # the same guard object in a new fit (e.g. the next cross-validation fold) starts from scale 1
     _, weights = fit(scripted([0.9, 0.9]), guard, 2)

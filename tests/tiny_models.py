@@ -9,7 +9,12 @@ from torch import nn
 class TinyCNN(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 3, width: int = 6, batchnorm: bool = True):
         super().__init__()
-        self.init_args = {"in_channels": in_channels, "num_classes": num_classes, "width": width, "batchnorm": batchnorm}
+        self.init_args = {
+            "in_channels": in_channels,
+            "num_classes": num_classes,
+            "width": width,
+            "batchnorm": batchnorm,
+        }
         self.num_classes = num_classes
         self.conv = nn.Conv1d(in_channels, width, 5, padding=2)
         self.norm = nn.BatchNorm1d(width) if batchnorm else nn.Identity()

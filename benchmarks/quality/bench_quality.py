@@ -43,7 +43,9 @@ HERE = Path(__file__).resolve().parent
 DATASETS = ["GunPoint", "ArrowHead", "ItalyPowerDemand", "BasicMotions", "JapaneseVowels", "OSULeaf"]
 # The TSD settings of ``kd+tsd`` / ``dkd+tsd``: the package's defaults (checked against
 # ``TemporalSaliencyDistiller``'s signature at start-up, so the tables cannot silently describe old defaults).
-DEFAULT_TSD = dict(saliency="integrated_gradients", alignment="pearson", tsd_weight=0.25, saliency_target="teacher")
+DEFAULT_TSD = dict(
+    saliency="integrated_gradients", alignment="pearson", tsd_weight=0.25, saliency_target="teacher"
+)
 # The reference point of the default selection (``--split cv``): the default before that run (w=0.5); every
 # other candidate changes one of its settings. The run chose w=0.25, which became DEFAULT_TSD.
 SELECTION_BASE = {**DEFAULT_TSD, "tsd_weight": 0.5}
@@ -76,8 +78,16 @@ BASELINE_OF.update({v: "dkd" for v in VARIANTS if v.startswith("dkd+tsd")})
 BASELINE_OF.update({v: "kd" for v in VARIANTS if v.startswith("kd+tsd")})
 # Candidates of the default-selection run (``--split cv``): the rule is applied over these.
 SELECTION_VARIANTS = [
-    "kd", "kd+tsd_w0.5", "kd+tsd_w0.25", "kd+tsd_w1", "kd+tsd_grad_w0.5", "kd+tsd_cos_w0.5", "kd+tsd_label_w0.5",
-    "kd+tsd_evalmode_w0.5", "kd+tsd_warm_w0.5", "kd+tsd_guard_w0.5",
+    "kd",
+    "kd+tsd_w0.5",
+    "kd+tsd_w0.25",
+    "kd+tsd_w1",
+    "kd+tsd_grad_w0.5",
+    "kd+tsd_cos_w0.5",
+    "kd+tsd_label_w0.5",
+    "kd+tsd_evalmode_w0.5",
+    "kd+tsd_warm_w0.5",
+    "kd+tsd_guard_w0.5",
 ]
 SELECTION_MAX_AGREEMENT_LOSS = 0.01  # pooled mean d agreement vs kd must be >= -0.01
 CV_FOLDS = 3  # ``--split cv``: stratified folds of the train split (fold = the --seeds value)
@@ -121,7 +131,9 @@ def check_defaults() -> None:
 
     params = inspect.signature(TemporalSaliencyDistiller).parameters
     actual = {k: params[k].default for k in DEFAULT_TSD}
-    assert actual == DEFAULT_TSD, f"package defaults {actual} != DEFAULT_TSD {DEFAULT_TSD}: update the benchmark"
+    assert actual == DEFAULT_TSD, (
+        f"package defaults {actual} != DEFAULT_TSD {DEFAULT_TSD}: update the benchmark"
+    )
 
 
 def trainer(**kwargs):
@@ -193,7 +205,11 @@ def load_data(name: str, seed: int, batch_size: int, split: str = "test"):
     if split == "cv":
         # repeated k-fold: seeds 0..k-1 are the folds of partition 0, seeds k..2k-1 those of partition 1, ...
         dm = UCRDataModule(
-            name, batch_size=batch_size, cv_folds=CV_FOLDS, fold=seed % CV_FOLDS, seed=CV_SPLIT_SEED + seed // CV_FOLDS
+            name,
+            batch_size=batch_size,
+            cv_folds=CV_FOLDS,
+            fold=seed % CV_FOLDS,
+            seed=CV_SPLIT_SEED + seed // CV_FOLDS,
         )
         dm.setup()
         return dm
@@ -353,7 +369,9 @@ def run(args) -> None:
                 dm, name, seed, args.cache_dir, args.teacher_epochs, args.split
             )
             occ_maps = (
-                teacher_occlusion_maps(teacher, dm, name, seed, args.cache_dir, args.split) if args.occlusion else None
+                teacher_occlusion_maps(teacher, dm, name, seed, args.cache_dir, args.split)
+                if args.occlusion
+                else None
             )
             torch.manual_seed(seed)
             init = make_student(dm).state_dict()
@@ -624,7 +642,11 @@ def _wilcoxon(deltas_of) -> list[str]:
             dd = deltas.get(("all", v))
             if not dd:
                 continue
-            for metric, name in (("agreement", "agreement"), ("ig_spearman", "IG-rho"), ("occ_spearman", "occ-rho")):
+            for metric, name in (
+                ("agreement", "agreement"),
+                ("ig_spearman", "IG-rho"),
+                ("occ_spearman", "occ-rho"),
+            ):
                 if metric not in dd:
                     continue
                 vals = np.asarray(dd[metric])
@@ -742,11 +764,16 @@ def summarize_selection(out: Path) -> None:
     base_cfg = VARIANTS["kd+tsd_w0.5"]
     for v, dd in pooled.items():
         cfg = VARIANTS[v]
-        change = ", ".join(
-            "ReduceTSDWeightOnAgreementDrop (train/agreement, x0.5 below best - 0.02)" if k == "guard" else f"{k}={cfg[k]}"
-            for k in cfg
-            if cfg[k] != base_cfg.get(k)
-        ) or "(the reference)"
+        change = (
+            ", ".join(
+                "ReduceTSDWeightOnAgreementDrop (train/agreement, x0.5 below best - 0.02)"
+                if k == "guard"
+                else f"{k}={cfg[k]}"
+                for k in cfg
+                if cfg[k] != base_cfg.get(k)
+            )
+            or "(the reference)"
+        )
         q = np.mean(dd["agreement"]) >= -SELECTION_MAX_AGREEMENT_LOSS
         mark = " **(chosen)**" if v == chosen else ""
         lines.append(
@@ -846,9 +873,13 @@ def plot(out: Path, datasets: list[str], deltas_of) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--datasets", nargs="+", default=DATASETS)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds; with --split cv, folds")
     parser.add_argument(
-        "--variants", nargs="+", default=["ce", "kd", "kd+tsd", "kd+tsd_grad", "dkd", "dkd+tsd"],
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds; with --split cv, folds"
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["ce", "kd", "kd+tsd", "kd+tsd_grad", "dkd", "dkd+tsd"],
         choices=list(VARIANTS),
     )
     parser.add_argument(
@@ -894,7 +925,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     check_defaults()
     if args.split == "cv" and min(args.seeds) < 0:
-        parser.error("with --split cv, --seeds are block numbers >= 0 (fold = seed % 3, partition = seed // 3)")
+        parser.error(
+            "with --split cv, --seeds are block numbers >= 0 (fold = seed % 3, partition = seed // 3)"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     run(args)

@@ -201,7 +201,9 @@ def make_variants(
 
     # the package's step: TemporalSaliencyDistiller.training_step + backward + Adam, live teacher or cached
     def pkg_step(cache: bool, **options):
-        d = TemporalSaliencyDistiller(teacher, fresh_student(), base_loss="kd", teacher_cache=cache, **options).to(device)
+        d = TemporalSaliencyDistiller(
+            teacher, fresh_student(), base_loss="kd", teacher_cache=cache, **options
+        ).to(device)
         d.train()
         opt = d.configure_optimizers()
         if cache:
