@@ -10,6 +10,8 @@ Example:
 """
 
 from lightning_tsd._batch import InvalidBatchError, NonFiniteLossError
+from lightning_tsd.adapters import ModelAdapter, adapt_model, auto_adapt
+from lightning_tsd.attribution import saliency_pair, temporal_attribution
 from lightning_tsd.cache import TeacherCache, TeacherCacheError
 from lightning_tsd.callbacks import (
     ReduceTSDWeightOnAgreementDrop,
@@ -24,7 +26,16 @@ from lightning_tsd.checkpoint import (
 )
 from lightning_tsd.classifier import TimeSeriesClassifier
 from lightning_tsd.data import IndexedDataset, TimeSeriesDataset, UCRDataModule
-from lightning_tsd.losses import TemporalSaliencyLoss, TSDOutput, dkd_loss, kd_loss, saliency_alignment_loss
+from lightning_tsd.ensemble import TeacherEnsemble
+from lightning_tsd.export import export_onnx
+from lightning_tsd.losses import (
+    TemporalSaliencyLoss,
+    TSDOutput,
+    dkd_loss,
+    kd_loss,
+    saliency_alignment_loss,
+    smooth_saliency,
+)
 from lightning_tsd.metrics import SaliencyAlignment, TeacherAgreement, TeacherStudentDivergence
 from lightning_tsd.module import TemporalSaliencyDistiller
 from lightning_tsd.plugins import AtomicCheckpointIO
@@ -34,40 +45,52 @@ from lightning_tsd.report import (
     SubstitutionThresholds,
     substitution_report,
 )
-from lightning_tsd.saliency import ESTIMATORS, temporal_saliency
+from lightning_tsd.saliency import ESTIMATORS, check_saliency_options, temporal_saliency
+from lightning_tsd.teacher import TeacherOutputs, TeacherSource
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ESTIMATORS",
+    "adapt_model",
     "AtomicCheckpointIO",
-    "NonFiniteLossError",
-    "ReduceTSDWeightOnAgreementDrop",
+    "auto_adapt",
+    "check_saliency_options",
     "CorruptCheckpointError",
+    "dkd_loss",
+    "export_onnx",
     "IndexedDataset",
     "InvalidBatchError",
+    "kd_loss",
+    "load_teacher",
+    "ModelAdapter",
+    "NonFiniteLossError",
+    "ReduceTSDWeightOnAgreementDrop",
+    "saliency_alignment_loss",
+    "saliency_pair",
     "SaliencyAlignment",
     "SaliencyAlignmentMonitor",
     "SaliencyMapLogger",
+    "save_teacher",
+    "smooth_saliency",
+    "substitution_report",
     "SubstitutionReport",
     "SubstitutionReportCallback",
     "SubstitutionThresholds",
     "TeacherAgreement",
-    "TeacherStudentDivergence",
-    "TimeSeriesClassifier",
-    "TimeSeriesDataset",
-    "UCRDataModule",
-    "substitution_report",
-    "TSDOutput",
     "TeacherCache",
     "TeacherCacheError",
+    "TeacherEnsemble",
+    "TeacherOutputs",
+    "TeacherSource",
+    "TeacherStudentDivergence",
+    "temporal_attribution",
+    "temporal_saliency",
     "TemporalSaliencyDistiller",
     "TemporalSaliencyLoss",
+    "TimeSeriesClassifier",
+    "TimeSeriesDataset",
+    "TSDOutput",
+    "UCRDataModule",
     "UnsafeCheckpointError",
-    "dkd_loss",
-    "kd_loss",
-    "load_teacher",
-    "save_teacher",
-    "saliency_alignment_loss",
-    "temporal_saliency",
 ]

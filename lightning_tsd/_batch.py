@@ -68,8 +68,11 @@ def check_finite(x: Tensor, *, where: str = "x") -> None:
         raise InvalidBatchError(f"{where} contains {bad} non-finite value(s) (NaN or Inf) out of {x.numel()}")
 
 
-def check_mask(mask: Tensor | None, x: Tensor) -> Tensor | None:
-    """Validate a padding mask against ``x`` (``(B, C, T)``) and return it as bool ``(B, T)``."""
+def check_mask(mask: Tensor | None, x: Tensor, *, check_rows: bool = True) -> Tensor | None:
+    """Validate a padding mask against ``x`` (``(B, C, T)``) and return it as bool ``(B, T)``.
+
+    ``check_rows=False`` leaves the data-dependent check (every row has a real step) to :func:`value_flags`.
+    """
     if mask is None:
         return None
     if not isinstance(mask, Tensor):
@@ -79,6 +82,8 @@ def check_mask(mask: Tensor | None, x: Tensor) -> Tensor | None:
             f"mask must have shape (B, T) = {(x.shape[0], x.shape[-1])}, got {tuple(mask.shape)}"
         )
     mask = mask.to(device=x.device, dtype=torch.bool)
+    if not check_rows:
+        return mask
     empty = ~mask.any(dim=1)
     if bool(empty.any()):
         rows = torch.nonzero(empty).flatten().tolist()
@@ -86,25 +91,31 @@ def check_mask(mask: Tensor | None, x: Tensor) -> Tensor | None:
     return mask
 
 
-def check_labels(y: Tensor | None, num_classes: int | None) -> None:
+def check_labels(y: Tensor | None, num_classes: int | None, *, check_range: bool = True) -> None:
     """Raise :class:`InvalidBatchError` if labels are not integers in ``[0, num_classes)``."""
-    if y is None or num_classes is None:
+    if y is None:
         return
     if torch.is_floating_point(y) or y.dtype == torch.bool:
         raise InvalidBatchError(f"labels y must be an integer tensor, got dtype {y.dtype}")
+    if num_classes is None or not check_range:
+        return
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise InvalidBatchError(
             f"labels must lie in [0, {num_classes}), got values in [{int(y.min())}, {int(y.max())}]"
         )
 
 
-def unpack_batch(batch: Any, *, num_classes: int | None = None, check_values: bool = True) -> Batch:
+def unpack_batch(
+    batch: Any, *, num_classes: int | None = None, check_values: bool = True, deferred: bool = False
+) -> Batch:
     """Unpack and validate a batch into a :class:`Batch`.
 
     Args:
         batch: ``(x, y)``, ``(x, y, index)``, ``x`` alone, or a mapping with ``x``, ``y``, ``mask``, ``index``.
         num_classes: when given, labels are checked to lie in ``[0, num_classes)``.
         check_values: check ``x`` for NaN/Inf (one reduction over the batch).
+        deferred: check only types and shapes here, nothing that reads values back from the device; the
+            caller checks values later with :func:`value_flags` (the training step reads them once).
 
     Example:
         >>> b = unpack_batch({"x": torch.randn(2, 8), "y": torch.tensor([0, 1])})
@@ -127,14 +138,14 @@ def unpack_batch(batch: Any, *, num_classes: int | None = None, check_values: bo
     else:
         x = batch
     x = as_bct(x)
-    if check_values:
+    if check_values and not deferred:
         check_finite(x)
-    mask = check_mask(mask, x)
+    mask = check_mask(mask, x, check_rows=not deferred)
     if y is not None:
         y = torch.as_tensor(y, device=x.device)
         if y.shape != (x.shape[0],):
             raise InvalidBatchError(f"labels y must have shape (B,) = ({x.shape[0]},), got {tuple(y.shape)}")
-        check_labels(y, num_classes)
+        check_labels(y, num_classes, check_range=not deferred)
     if index is not None:
         index = torch.as_tensor(index, device=x.device)
         if index.shape != (x.shape[0],) or torch.is_floating_point(index):
@@ -142,6 +153,64 @@ def unpack_batch(batch: Any, *, num_classes: int | None = None, check_values: bo
                 f"index must be an integer tensor of shape ({x.shape[0]},), got {index.dtype} {tuple(index.shape)}"
             )
     return Batch(x, y, mask, index)
+
+
+def value_flags(b: Batch, num_classes: int | None) -> dict[str, Tensor]:
+    """The data-dependent checks of a batch as 0-dim bool device tensors, to be read back together.
+
+    Keys: ``x`` (all finite), ``y`` (labels in ``[0, K)``, when both are known), ``mask`` (every row has a
+    real step, when a mask is given). Nothing is read back here.
+
+    Example:
+        >>> b = unpack_batch({"x": torch.tensor([[0.0, float("nan")]]), "y": torch.tensor([3])}, deferred=True)
+        >>> {k: bool(v) for k, v in value_flags(b, num_classes=2).items()}
+        {'x': False, 'y': False}
+    """
+    flags = {"x": torch.isfinite(b.x).all()}
+    if b.y is not None and num_classes is not None:
+        flags["y"] = (
+            ((b.y >= 0) & (b.y < num_classes)).all() if b.y.numel() else torch.ones((), dtype=torch.bool)
+        )
+    if b.mask is not None:
+        flags["mask"] = b.mask.any(dim=1).all()
+    return flags
+
+
+def explain_values(b: Batch, num_classes: int | None, ok: Mapping[str, bool]) -> InvalidBatchError | None:
+    """The error for the first failed check in ``ok`` (as read back from :func:`value_flags`), with the
+    details the eager checks give (how many values, which rows); None when the batch's values are fine."""
+    checks = (
+        ("x", lambda: check_finite(b.x)),
+        ("y", lambda: check_labels(b.y, num_classes)),
+        ("mask", lambda: check_mask(b.mask, b.x)),
+    )
+    for key, check in checks:
+        if not ok.get(key, True):
+            try:
+                check()
+            except InvalidBatchError as err:
+                return err
+    return None
+
+
+def clamp_labels(b: Batch, num_classes: int | None) -> Batch:
+    """The batch with labels clamped into ``[0, K)``: the losses of a step whose labels are checked only
+    after its single host read must not crash (or assert on a GPU) on a bad label before that read."""
+    if b.y is None or num_classes is None:
+        return b
+    return b._replace(y=b.y.clamp(0, num_classes - 1))
+
+
+def check_batchnorm_batch(model: torch.nn.Module, x: Tensor, where: str) -> None:
+    """Train-mode BatchNorm cannot normalise a single value per channel: say so before torch does."""
+    if x.shape[0] * x.shape[-1] > 1 or not model.training:
+        return
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
+        raise InvalidBatchError(
+            f"bad {where}: the student has BatchNorm in train mode, which needs more than one value per "
+            f"channel, but the batch holds one sample of one step (shape {tuple(x.shape)}). Use "
+            "DataLoader(drop_last=True), a larger batch, or student_train_mode=False"
+        )
 
 
 def model_logits(output: Any) -> Tensor:

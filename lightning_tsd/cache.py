@@ -165,6 +165,24 @@ class TeacherCache:
         saliency = None if self.saliency is None else self.saliency[safe].to(x.device)
         return hit.to(x.device), logits, saliency
 
+    def lookup(self, index: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Gather a batch's rows without reading anything back from the device (no input check).
+
+        For a cache known to hold every sample: returns ``(hit, logits, saliency)`` for the whole batch,
+        where ``hit`` is a ``(B,)`` bool tensor the caller checks together with its other flags (rows of
+        misses are meaningless). Each entry's input was already compared once by :meth:`get`. With the
+        cache on the batch's device (``TeacherCache(device="cuda")``) no copy between devices is made.
+        """
+        if self.filled is None or self.logits is None:
+            raise TeacherCacheError("lookup() needs a filled cache; use get() while the cache is filling")
+        index = index.detach().to(self.device, torch.long).flatten()
+        in_range = (index >= 0) & (index < self.capacity)
+        safe = index.clamp(0, self.capacity - 1)
+        hit = (self.filled[safe] & in_range).to(x.device)
+        logits = self.logits[safe].to(x.device)
+        saliency = None if self.saliency is None else self.saliency[safe].to(x.device)
+        return hit, logits, saliency
+
     def put(self, index: Tensor, logits: Tensor, saliency: Tensor | None, x: Tensor) -> None:
         """Store the teacher's outputs for a batch of samples."""
         index = self._check_index(index)
@@ -207,6 +225,17 @@ class TeacherCache:
         self.filled[index] = True
         self.verified[index] = False
         self._pending.append(index)
+
+    def discard(self, index: Tensor) -> None:
+        """Forget entries (e.g. those stored by a training step that was then refused): they are computed
+        again when their samples come back, and are not shared by the next :meth:`sync`."""
+        index = index.detach().to(self.device, torch.long).flatten()
+        if self.filled is None or index.numel() == 0:
+            return
+        index = index[(index >= 0) & (index < self.capacity)]
+        self.filled[index] = False
+        self.verified[index] = False
+        self._pending = [p[~torch.isin(p, index)] for p in self._pending]
 
     def mark_synced(self) -> None:
         """Forget the entries added since the last :meth:`sync` (every process already has them, e.g.

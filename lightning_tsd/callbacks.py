@@ -6,57 +6,62 @@ Protocol: the callbacks work with any ``LightningModule`` that has two ``nn.Modu
 :func:`lightning_tsd._batch.unpack_batch` (``(x, y)``, ``(x, y, index)`` or a dict with ``x``, ``y``,
 ``mask``, ``index``).
 
-Saliency here is a captum attribution (``integrated_gradients``, ``saliency``, ``input_x_gradient``,
-``occlusion`` or ``feature_ablation``) for the target class (the teacher's prediction, or the label),
-reduced to time as ``|attribution|`` summed over channels, with padded steps set to 0. It is computed
-with both models in eval mode (their ``training`` flags are restored afterwards), with gradients enabled
-and out of inference mode, so it runs inside Lightning's validation and test loops. On a GPU, cuDNN is
-switched off while attributing, because cuDNN RNNs have no backward in eval mode.
+Saliency here is :func:`lightning_tsd.attribution.temporal_attribution`: a captum attribution
+(``integrated_gradients``, ``gradient``, ``input_x_gradient``, ``occlusion`` or ``feature_ablation``, with
+the options of the training estimators: ``steps``, ``window``, ``stride``) for the target class (the
+teacher's prediction, or the label), with padded steps set to 0. Both models run in eval mode (their
+``training`` flags are restored afterwards), with gradients enabled and out of inference mode, so it runs
+inside Lightning's validation and test loops.
 
 Example:
     >>> from lightning.pytorch import Trainer
-    >>> callbacks = [SaliencyAlignmentMonitor(method="saliency"), SaliencyMapLogger(num_samples=2)]
+    >>> callbacks = [SaliencyAlignmentMonitor(method="gradient"), SaliencyMapLogger(num_samples=2)]
     >>> trainer = Trainer(callbacks=callbacks, logger=False, enable_progress_bar=False)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
 
-from lightning_tsd._batch import Batch, call_model, unpack_batch
+from lightning_tsd._batch import Batch, unpack_batch
+from lightning_tsd.attribution import (
+    SALIENCY_TARGETS,
+    check_attribution_options,
+    saliency_pair,
+    temporal_attribution,
+)
 from lightning_tsd.metrics import SaliencyAlignment
 from lightning_tsd.plotting import figure_to_rgb, plot_saliency
 
-CAPTUM_METHODS = {
-    "integrated_gradients": "IntegratedGradients",
-    "saliency": "Saliency",
-    "input_x_gradient": "InputXGradient",
-    "occlusion": "Occlusion",
-    "feature_ablation": "FeatureAblation",
-}
-_GRADIENT_METHODS = ("integrated_gradients", "saliency", "input_x_gradient")
-SALIENCY_TARGETS = ("teacher", "label")
 _STAGES = ("validate", "test")
 
 
-# --- shared attribution code (also used by lightning_tsd.report) -----------------------------------
-
-
-class _SaliencyPair(NamedTuple):
-    teacher_logits: Tensor
-    student_logits: Tensor
-    teacher_saliency: Tensor
-    student_saliency: Tensor
+def _temporal_attribution(
+    model: nn.Module,
+    x: Tensor,
+    target: Tensor,
+    mask: Tensor | None = None,
+    method: str = "integrated_gradients",
+    method_kwargs: Mapping[str, Any] | None = None,
+) -> Tensor:
+    """Deprecated: use :func:`lightning_tsd.attribution.temporal_attribution`."""
+    warnings.warn(
+        "lightning_tsd.callbacks._temporal_attribution is deprecated; use "
+        "lightning_tsd.attribution.temporal_attribution(model, x, target, mask=..., method=..., **options)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    method, options = check_attribution_options(method, method_kwargs)
+    return temporal_attribution(model, x, target, mask=mask, method=method, **options)
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
@@ -69,7 +74,15 @@ def _check_positive(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _teacher_student(pl_module: LightningModule) -> tuple[nn.Module, nn.Module]:
+def teacher_student(pl_module: LightningModule) -> tuple[nn.Module, nn.Module]:
+    """The module's ``teacher`` and ``student``, or a ``MisconfigurationException`` saying what to add.
+
+    Example:
+        >>> module = LightningModule()
+        >>> module.teacher, module.student = nn.Linear(2, 2), nn.Linear(2, 1)
+        >>> teacher_student(module)[1] is module.student
+        True
+    """
     teacher, student = getattr(pl_module, "teacher", None), getattr(pl_module, "student", None)
     if not (isinstance(teacher, nn.Module) and isinstance(student, nn.Module)):
         raise MisconfigurationException(
@@ -77,105 +90,6 @@ def _teacher_student(pl_module: LightningModule) -> tuple[nn.Module, nn.Module]:
             "saliency callbacks; add them (e.g. self.teacher = teacher; self.student = student)"
         )
     return teacher, student
-
-
-@contextmanager
-def _eval_mode(*modules: nn.Module) -> Iterator[None]:
-    """Put ``modules`` in eval mode, then restore every submodule's own ``training`` flag."""
-    flags = [(m, m.training) for module in modules for m in module.modules()]
-    try:
-        for module in modules:
-            module.eval()
-        yield
-    finally:
-        for m, training in flags:
-            m.training = training
-
-
-@contextmanager
-def _cudnn_off(device: torch.device) -> Iterator[None]:
-    """Disable cuDNN on CUDA devices: cuDNN RNNs cannot backward in eval mode."""
-    enabled = torch.backends.cudnn.enabled
-    torch.backends.cudnn.enabled = enabled and device.type != "cuda"
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.enabled = enabled
-
-
-def _captum_defaults(method: str, x: Tensor) -> dict[str, Any]:
-    """Perturbation methods act on whole time steps: all channels of a window (occlusion, a tenth of
-    ``T``, half-overlapping) or of one step (feature ablation) are zeroed together."""
-    channels, steps = x.shape[1:]
-    if method == "occlusion":
-        window = max(1, steps // 10)
-        return {"sliding_window_shapes": (channels, window), "strides": (channels, max(1, window // 2))}
-    if method == "feature_ablation":
-        return {"feature_mask": torch.arange(steps, device=x.device).repeat(1, channels, 1)}
-    return {}
-
-
-def _logits(model: nn.Module, x: Tensor, mask: Tensor | None) -> Tensor:
-    with torch.no_grad(), _eval_mode(model):
-        return call_model(model, x, mask)
-
-
-def _temporal_attribution(
-    model: nn.Module,
-    x: Tensor,
-    target: Tensor,
-    mask: Tensor | None = None,
-    method: str = "integrated_gradients",
-    method_kwargs: dict[str, Any] | None = None,
-) -> Tensor:
-    """``|captum attribution|`` of ``target`` summed over channels, ``(B, T)``, zero on padded steps."""
-    _check_choice("method", method, CAPTUM_METHODS)
-    try:
-        import captum.attr
-    except ImportError as err:  # pragma: no cover - captum is a dependency of the callbacks
-        raise ImportError("the saliency callbacks need captum: pip install captum") from err
-    explainer = getattr(captum.attr, CAPTUM_METHODS[method])
-
-    def forward(inputs: Tensor, mask: Tensor | None = None) -> Tensor:
-        return call_model(model, inputs, mask)
-
-    with torch.inference_mode(False), torch.enable_grad(), _eval_mode(model), _cudnn_off(x.device):
-        # Tensors made under inference mode cannot take part in autograd: clone them out of it.
-        inputs = x.detach().clone().requires_grad_(method in _GRADIENT_METHODS)
-        options = {**_captum_defaults(method, inputs), **(method_kwargs or {})}
-        extra = None if mask is None else (mask.clone(),)
-        attribution = explainer(forward).attribute(
-            inputs, target=target.clone(), additional_forward_args=extra, **options
-        )
-    saliency = attribution.detach().abs().sum(1)
-    return saliency if mask is None else saliency.masked_fill(~mask, 0.0)
-
-
-def _saliency_pair(
-    teacher: nn.Module,
-    student: nn.Module,
-    batch: Batch,
-    method: str = "integrated_gradients",
-    target: str = "teacher",
-    method_kwargs: dict[str, Any] | None = None,
-) -> _SaliencyPair:
-    """Logits of both models and their saliency maps for the same target class (the teacher's
-    prediction, or the label ``y``)."""
-    _check_choice("target", target, SALIENCY_TARGETS)
-    teacher_logits = _logits(teacher, batch.x, batch.mask)
-    student_logits = _logits(student, batch.x, batch.mask)
-    if target == "teacher":
-        cls = teacher_logits.argmax(1)
-    elif batch.y is None:
-        raise ValueError(
-            "target='label' needs labels y in the batch; use target='teacher' for unlabelled data"
-        )
-    else:
-        cls = batch.y
-    maps = [
-        _temporal_attribution(m, batch.x, cls, batch.mask, method, method_kwargs) for m in (teacher, student)
-    ]
-    return _SaliencyPair(teacher_logits, student_logits, *maps)
 
 
 def _every_n_epochs(trainer: Trainer, n: int) -> bool:
@@ -194,18 +108,21 @@ class SaliencyAlignmentMonitor(Callback):
     ``{val,test}/saliency_{spearman,pearson,cosine,topk_overlap}``. The metric syncs across ranks.
 
     Args:
-        method: captum method, one of ``integrated_gradients``, ``saliency``, ``input_x_gradient``,
-            ``occlusion``, ``feature_ablation``.
+        method: attribution method, one of ``integrated_gradients``, ``gradient``, ``input_x_gradient``,
+            ``occlusion``, ``feature_ablation`` (``"saliency"``, captum's name of ``gradient``, is
+            deprecated).
         target: class to attribute: ``"teacher"`` (its prediction) or ``"label"`` (``y``).
         max_batches: batches per epoch to attribute.
         every_n_epochs: validation epochs between two measurements (test always measures).
         stages: loops to watch, among ``"validate"`` (also the validation inside ``fit``) and ``"test"``.
-        method_kwargs: passed to captum's ``attribute`` (e.g. ``{"n_steps": 16}`` for integrated gradients).
+        options: the method's options (e.g. ``{"steps": 16}`` for integrated gradients, ``window`` and
+            ``stride`` for occlusion); see :func:`lightning_tsd.attribution.temporal_attribution`.
         topk_fraction: fraction of the real steps used for top-k overlap.
+        method_kwargs: deprecated name of ``options``.
 
     Example:
         >>> from lightning.pytorch import Trainer
-        >>> monitor = SaliencyAlignmentMonitor(method="saliency", max_batches=2)
+        >>> monitor = SaliencyAlignmentMonitor(method="gradient", max_batches=2)
         >>> trainer = Trainer(callbacks=[monitor], logger=False, enable_progress_bar=False)
     """
 
@@ -216,23 +133,25 @@ class SaliencyAlignmentMonitor(Callback):
         max_batches: int = 4,
         every_n_epochs: int = 1,
         stages: Sequence[str] = _STAGES,
-        method_kwargs: dict[str, Any] | None = None,
+        options: Mapping[str, Any] | None = None,
         topk_fraction: float = 0.1,
+        *,
+        method_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
-        _check_choice("method", method, CAPTUM_METHODS)
+        method, options = check_attribution_options(method, options, method_kwargs)
         _check_choice("target", target, SALIENCY_TARGETS)
         _check_positive("max_batches", max_batches)
         _check_positive("every_n_epochs", every_n_epochs)
         for stage in stages:
             _check_choice("each of stages", stage, _STAGES)
-        self.method, self.target, self.method_kwargs = method, target, method_kwargs
+        self.method, self.target, self.options = method, target, options
         self.max_batches, self.every_n_epochs, self.stages = max_batches, every_n_epochs, tuple(stages)
         self.metric = SaliencyAlignment(topk_fraction=topk_fraction)
         self._active = False
         self._seen = 0
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        _teacher_student(pl_module)
+        teacher_student(pl_module)
 
     def _start(self, pl_module: LightningModule, active: bool) -> None:
         self._active, self._seen = active, 0
@@ -243,9 +162,9 @@ class SaliencyAlignmentMonitor(Callback):
         if not self._active or self._seen >= self.max_batches:
             return
         self._seen += 1
-        teacher, student = _teacher_student(pl_module)
+        teacher, student = teacher_student(pl_module)
         b = unpack_batch(batch)
-        pair = _saliency_pair(teacher, student, b, self.method, self.target, self.method_kwargs)
+        pair = saliency_pair(teacher, student, b, method=self.method, target=self.target, **self.options)
         self.metric.update(pair.student_saliency, pair.teacher_saliency, b.mask)
 
     def _log(self, pl_module: LightningModule, prefix: str) -> None:
@@ -304,10 +223,11 @@ class SaliencyMapLogger(Callback):
     Args:
         num_samples: samples to draw.
         every_n_epochs: validation epochs between two drawings.
-        method: captum method, as in :class:`SaliencyAlignmentMonitor`.
+        method: attribution method, as in :class:`SaliencyAlignmentMonitor`.
         target: ``"teacher"`` or ``"label"``.
         dirpath: folder for PNG files.
-        method_kwargs: passed to captum's ``attribute``.
+        options: the method's options, as in :class:`SaliencyAlignmentMonitor`.
+        method_kwargs: deprecated name of ``options``.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -321,20 +241,22 @@ class SaliencyMapLogger(Callback):
         method: str = "integrated_gradients",
         target: str = "teacher",
         dirpath: str | Path | None = None,
-        method_kwargs: dict[str, Any] | None = None,
+        options: Mapping[str, Any] | None = None,
+        *,
+        method_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         _check_positive("num_samples", num_samples)
         _check_positive("every_n_epochs", every_n_epochs)
-        _check_choice("method", method, CAPTUM_METHODS)
+        method, options = check_attribution_options(method, options, method_kwargs)
         _check_choice("target", target, SALIENCY_TARGETS)
         self.num_samples, self.every_n_epochs = num_samples, every_n_epochs
-        self.method, self.target, self.method_kwargs = method, target, method_kwargs
+        self.method, self.target, self.options = method, target, options
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self._png_dir: Path | None = self.dirpath
         self._samples: Batch | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        _teacher_student(pl_module)
+        teacher_student(pl_module)
         if self.dirpath is None:  # trainer.log_dir broadcasts: resolve it here, on every rank
             self._png_dir = Path(trainer.log_dir or trainer.default_root_dir) / "saliency_maps"
 
@@ -358,9 +280,9 @@ class SaliencyMapLogger(Callback):
 
     @rank_zero_only
     def _draw(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        teacher, student = _teacher_student(pl_module)
+        teacher, student = teacher_student(pl_module)
         b = Batch(*(None if t is None else t.to(pl_module.device) for t in self._samples))
-        pair = _saliency_pair(teacher, student, b, self.method, self.target, self.method_kwargs)
+        pair = saliency_pair(teacher, student, b, method=self.method, target=self.target, **self.options)
         figures = []
         for i in range(b.x.shape[0]):
             name = f"sample {i}" if b.index is None else f"index {int(b.index[i])}"
@@ -400,15 +322,17 @@ class ReduceTSDWeightOnAgreementDrop(Callback):
 
     The TSD term can buy saliency alignment with top-1 agreement (the benchmarks in ``benchmarks/results``
     measure it). This callback watches an agreement metric and, when it has been more than ``tolerance``
-    below the best value seen for more than ``patience`` consecutive checks, multiplies the TSD weight by
-    ``factor`` (through the distiller's ``tsd_weight_scale``); the best value is then reset to the current
-    one, so a further drop is needed for a further cut. A scale below ``min_scale`` switches the TSD term off.
+    below the best value seen for more than ``patience`` consecutive checks, multiplies the module's
+    ``tsd_weight_scale`` by ``factor``; the best value is then reset to the current one, so a further drop
+    is needed for a further cut. A scale below ``min_scale`` switches the TSD term off (scale 0).
 
     It checks after each validation epoch, or at the end of each training epoch when ``monitor`` starts with
     ``"train/"`` (``TemporalSaliencyDistiller`` logs ``train/agreement``, the top-1 agreement of the epoch's
     training batches, and ``val/agreement``). Under DDP, rank 0 decides and broadcasts, so all ranks keep the
-    same weight. The scale, best value and wait count are saved in checkpoints and restored on resume.
-    The weight in use is logged as ``train/tsd_weight``; ``history`` lists ``(epoch, value, scale)`` per check.
+    same weight. The scale belongs to the module, which saves it in its checkpoints; this callback saves only
+    its schedule (best value, wait count, history), starts a fresh schedule with each fit and restores it
+    on resume. The weight in use is logged as ``train/tsd_weight``; ``history`` lists
+    ``(epoch, value, scale after the check)`` per check.
 
     Args:
         monitor: the logged agreement metric (higher is better).
@@ -442,7 +366,6 @@ class ReduceTSDWeightOnAgreementDrop(Callback):
         self.tolerance = tolerance
         self.patience = patience
         self.min_scale = min_scale
-        self.scale = 1.0
         self.best: float | None = None
         self.wait = 0
         self.history: list[tuple[int, float, float]] = []  # (epoch, monitored value, scale after the check)
@@ -451,11 +374,19 @@ class ReduceTSDWeightOnAgreementDrop(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(monitor=self.monitor)
 
+    @property
+    def scale(self) -> float:
+        """Deprecated: the scale after the last check; the module's ``tsd_weight_scale`` owns the value."""
+        warnings.warn(
+            "read the module's tsd_weight_scale instead of guard.scale", DeprecationWarning, stacklevel=2
+        )
+        return self.history[-1][2] if self.history else 1.0
+
     def state_dict(self) -> dict[str, Any]:
-        return {"scale": self.scale, "best": self.best, "wait": self.wait, "history": list(self.history)}
+        return {"best": self.best, "wait": self.wait, "history": list(self.history)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.scale = float(state_dict["scale"])
+        # A checkpoint from before the module owned the scale also holds "scale": the module's own value wins.
         self.best = state_dict["best"]
         self.wait = int(state_dict["wait"])
         self.history = [tuple(h) for h in state_dict.get("history", [])]
@@ -469,14 +400,11 @@ class ReduceTSDWeightOnAgreementDrop(Callback):
             )
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit":  # a fresh start for each fit (a checkpoint, if any, is restored after this)
-            self.scale, self.best, self.wait, self.history = 1.0, None, 0, []
+        if stage == "fit":  # a fresh schedule for each fit (a checkpoint, if any, is restored after this)
+            self.best, self.wait, self.history = None, 0, []
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._check_module(pl_module)
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        pl_module.tsd_weight_scale = self.scale  # after a checkpoint restored this callback's state
 
     def _on_train_metric(self) -> bool:
         return self.monitor.startswith("train/")
@@ -499,16 +427,18 @@ class ReduceTSDWeightOnAgreementDrop(Callback):
                 f"ReduceTSDWeightOnAgreementDrop monitors {self.monitor!r}, which was not logged; logged: "
                 f"{sorted(trainer.callback_metrics)}"
             )
+        module: Any = pl_module  # the module owns the scale (its checkpoints save it)
+        scale = float(module.tsd_weight_scale)
         if self.best is None or current > self.best:
             self.best, self.wait = current, 0
         elif current < self.best - self.tolerance:
             self.wait += 1
             if self.wait > self.patience:
-                self.scale *= self.factor
-                if self.scale < self.min_scale:
-                    self.scale = 0.0
+                scale *= self.factor
+                if scale < self.min_scale:
+                    scale = 0.0
                 self.best, self.wait = current, 0
         else:
             self.wait = 0  # not a drop: the count of drops in a row starts again
-        self.history.append((trainer.current_epoch, current, self.scale))
-        pl_module.tsd_weight_scale = self.scale
+        self.history.append((trainer.current_epoch, current, scale))
+        module.tsd_weight_scale = scale

@@ -111,6 +111,37 @@ def _intact_zip(path: str | os.PathLike) -> bool:
         return False
 
 
+def check_checkpoint_file(path: str | os.PathLike) -> None:
+    """Raise :class:`CorruptCheckpointError` naming ``path`` when the file is truncated or corrupt.
+
+    Reads no pickle: a ``torch.save`` archive (zip) must have every member's CRC right; a file that is
+    neither such an archive nor a legacy pickle is damaged. A missing file raises ``FileNotFoundError``.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> bad = pathlib.Path(tempfile.mkdtemp()) / "bad.ckpt"
+        >>> _ = bad.write_bytes(b"PK\x03\x04 not really a zip")
+        >>> check_checkpoint_file(bad)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        lightning_tsd.checkpoint.CorruptCheckpointError: checkpoint .../bad.ckpt is damaged ...
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head.startswith(b"PK") and _intact_zip(path):
+        return
+    if head[:1] == b"\x80" and not head.startswith(b"PK"):  # a legacy (pre-zip) torch.save pickle
+        return
+    raise CorruptCheckpointError(
+        f"checkpoint {path} is damaged (truncated or corrupt: "
+        f"{'its zip archive fails its checks' if head.startswith(b'PK') else 'not a torch checkpoint'}); "
+        "resume from an earlier checkpoint, or start the fit without ckpt_path"
+    )
+
+
 def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """``torch.load(weights_only=True)`` with clear errors for unsafe, missing and corrupt files."""
     if not Path(path).is_file():

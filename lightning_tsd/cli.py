@@ -1,80 +1,57 @@
-"""The ``lightning-tsd`` command line.
+"""The ``lightning-tsd`` command line: parsers and dispatch.
 
 * ``lightning-tsd fit|validate|test|predict --config CONFIG``: a ``LightningCLI`` over
   :class:`~lightning_tsd.TemporalSaliencyDistiller` (``model``) and :class:`~lightning_tsd.data.UCRDataModule`
   (``data``). ``CONFIG`` is a YAML file or the name of a bundled config (:func:`bundled_configs`:
   ``gunpoint``, ``basicmotions``, ``japanesevowels``). Teacher and student are given as
-  ``class_path``/``init_args``, the teacher usually as the path of a teacher file.
-* ``lightning-tsd train-teacher --dataset GunPoint``: train an InceptionTime teacher and write a teacher file
-  (by default ``teachers/<dataset>.pt``, where the bundled configs look for it).
-* ``lightning-tsd demo``: train a teacher, distil two students (KD alone, KD+TSD) from the same
-  initialisation and batch order, and compare them (accuracy, agreement, KL, saliency alignment,
-  parameters, wall time), with a saliency figure and a substitution report.
+  ``class_path``/``init_args``, the teacher usually as the path of a teacher file, or a list of them (an
+  ensemble: ``--model.teacher '[teachers/GunPoint_0.pt, teachers/GunPoint_1.pt]'``).
+* ``lightning-tsd train-teacher --dataset GunPoint [--ensemble 5]``: train an InceptionTime teacher (or an
+  ensemble of them) and write teacher files (by default ``teachers/<dataset>.pt``, where the bundled configs
+  look for it; an ensemble writes ``teachers/<dataset>_0.pt`` ...).
+* ``lightning-tsd demo``: :func:`lightning_tsd.demo.run_demo`, the whole story on GunPoint. The demo and the
+  training helpers live in :mod:`lightning_tsd.demo` (their old names here warn, and still work).
+* ``lightning-tsd export --ckpt_path CKPT --output student.onnx``: a checkpoint's student as ONNX.
 
 Example:
     >>> config_path("gunpoint").name
     'gunpoint.yaml'
-    >>> print(results_table([DemoRow("KD", 0.9, 0.95, 0.01, 0.4, 1170, 12.0)]))
-    | method | accuracy | agreement | KL | saliency alignment | parameters | wall time (s) |
-    |---|---|---|---|---|---|---|
-    | KD | 0.9000 | 0.9500 | 0.0100 | 0.4000 | 1,170 | 12.0 |
+    >>> build_parser().parse_args(["demo", "--batch_size", "32"]).batch_size
+    32
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import netrc
 import os
 import sys
-import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
-from matplotlib.image import imsave
-from torch import nn
 
-from lightning_tsd.checkpoint import safe_torch_load, save_teacher
-from lightning_tsd.classifier import TimeSeriesClassifier
+from lightning_tsd import demo as _demo
+from lightning_tsd.checkpoint import safe_torch_load
 from lightning_tsd.data import UCRDataModule
-from lightning_tsd.functional import saliency_alignment
-from lightning_tsd.models import NarrowFCN, count_parameters
+from lightning_tsd.demo import ConfigError
 from lightning_tsd.module import TemporalSaliencyDistiller
-from lightning_tsd.plotting import figure_to_rgb, plot_saliency
-from lightning_tsd.report import substitution_report
-from lightning_tsd.saliency import temporal_saliency
 
-TEACHER_MODEL = "InceptionTime"
-TEACHER_KWARGS: dict[str, Any] = {"depth": 3, "num_filters": 16}
-"""A small InceptionTime (80k parameters for GunPoint): good enough a teacher, fast on a CPU."""
-
-DEMO_EPOCHS_TEACHER = 100
-"""Teacher epochs of the demo: test accuracy 0.99 on GunPoint (37 training series, batch 16)."""
-
-DEMO_EPOCHS_STUDENT = 300
-"""Epochs of each demo student (900 steps on GunPoint)."""
-
-DEMO_SCHEDULER = "cosine"
-"""Learning-rate schedule of both demo students: annealing to 0 keeps the last epoch from landing on a
-spike of a small student's noisy training curve, so the two students are compared at rest."""
-
-REPORT_IG_STEPS = 32
-"""captum IntegratedGradients steps of the saliency alignment measured on the test split."""
+__all__ = ["ConfigError", "bundled_configs", "config_path", "check_models_fit_data", "TSDLightningCLI"]
+__all__ += ["run_lightning_cli", "build_parser", "export_checkpoint", "main"]
 
 
-class ConfigError(ValueError):
-    """A command line or config that cannot work (missing teacher file, models that do not fit the data)."""
+def __getattr__(name: str) -> Any:
+    """The demo's names moved to :mod:`lightning_tsd.demo`: served from there, with a warning."""
+    if name in _demo.__all__ and name != "ConfigError":
+        message = f"lightning_tsd.cli.{name} moved to lightning_tsd.demo.{name}; import it from there"
+        warnings.warn(message, DeprecationWarning, stacklevel=2)
+        return getattr(_demo, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --- LightningCLI: fit / validate / test / predict ----------------------------------------------------
@@ -139,19 +116,20 @@ def check_models_fit_data(model_config: Any, data: UCRDataModule) -> None:
     """
     expected = {"in_channels": data.in_channels, "num_classes": data.num_classes}
     for role in ("teacher", "student"):
-        found = _init_args(model_config[role])
-        for key, value in expected.items():
-            if found.get(key) is not None and found[key] != value:
-                hint = " (or use a teacher file trained on this dataset)" if role == "teacher" else ""
-                raise ConfigError(
-                    f"the {role} has {key}={found[key]} but {data.name} has {value}: set "
-                    f"model.{role}.init_args.{key}: {value}{hint}"
-                )
+        entry = model_config[role]  # a list of teachers is an ensemble: each member must fit
+        for found in map(_init_args, entry if isinstance(entry, (list, tuple)) else [entry]):
+            for key, value in expected.items():
+                if found.get(key) is not None and found[key] != value:
+                    hint = " (or use a teacher file trained on this dataset)" if role == "teacher" else ""
+                    raise ConfigError(
+                        f"the {role} has {key}={found[key]} but {data.name} has {value}: set "
+                        f"model.{role}.init_args.{key}: {value}{hint}"
+                    )
 
 
 class TSDLightningCLI(LightningCLI):
     """``LightningCLI`` that accepts bundled config names and, before building anything, refuses a missing
-    teacher file and models whose ``in_channels``/``num_classes`` do not fit the dataset."""
+    teacher file (or ensemble member) and models whose ``in_channels``/``num_classes`` do not fit the data."""
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         if args is None or isinstance(args, (list, tuple)):
@@ -162,11 +140,12 @@ class TSDLightningCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         teacher, data = config["model"]["teacher"], config["data"]
-        if isinstance(teacher, (str, os.PathLike)) and not Path(teacher).is_file():
-            raise ConfigError(
-                f"teacher file not found: {teacher}. Make one with `lightning-tsd train-teacher --dataset "
-                f"{data['name']} --output {teacher}`, or pass --model.teacher=PATH"
-            )
+        for member in teacher if isinstance(teacher, (list, tuple)) else [teacher]:
+            if isinstance(member, (str, os.PathLike)) and not Path(member).is_file():
+                raise ConfigError(
+                    f"teacher file not found: {member}. Make one with `lightning-tsd train-teacher --dataset "
+                    f"{data['name']} --output {member}`, or pass --model.teacher=PATH"
+                )
         check_models_fit_data(config["model"], UCRDataModule(**data.as_dict()))
 
 
@@ -175,7 +154,7 @@ def run_lightning_cli(argv: Sequence[str] | None = None, run: bool = True) -> TS
     description = (
         "Temporal Saliency Distillation with LightningCLI. Bundled configs: "
         f"{', '.join(bundled_configs())} (e.g. `lightning-tsd fit --config gunpoint`). More commands: "
-        "`lightning-tsd demo --help`, `lightning-tsd train-teacher --help`."
+        "`lightning-tsd demo --help`, `lightning-tsd train-teacher --help`, `lightning-tsd export --help`."
     )
     return TSDLightningCLI(
         TemporalSaliencyDistiller,
@@ -187,396 +166,130 @@ def run_lightning_cli(argv: Sequence[str] | None = None, run: bool = True) -> TS
     )
 
 
-# --- training helpers shared by train-teacher and demo --------------------------------------------------
+# --- export ---------------------------------------------------------------------------------------------
 
 
-def _wandb_logged_in() -> bool:
-    """Whether W&B has credentials (``WANDB_API_KEY`` or a ``.netrc`` entry for its host)."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-def make_logger(kind: str, output: Path, run: str, group: str) -> Logger:
-    """A ``CSVLogger`` (``output/logs/<run>/metrics.csv``) or a ``WandbLogger`` (offline unless logged in,
-    or as ``WANDB_MODE`` says)."""
-    if kind == "csv":
-        return CSVLogger(save_dir=output, name="logs", version=run)
-    if kind == "wandb":
-        offline = "WANDB_MODE" not in os.environ and not _wandb_logged_in()
-        return WandbLogger(
-            project="lightning-tsd", group=group, name=f"{group}-{run}", save_dir=str(output), offline=offline
+def _example_shape(payload: dict[str, Any], channels: int | None, length: int | None) -> tuple[int, int]:
+    """``(C, T)`` of the export's example input: the flags, else the data module the checkpoint records
+    (its dataset is loaded to read them)."""
+    data_hparams = payload.get("datamodule_hyper_parameters") or {}
+    if (channels is None or length is None) and data_hparams.get("name"):
+        data = UCRDataModule(**{k: v for k, v in data_hparams.items() if not k.startswith("_")})
+        channels, length = channels or data.in_channels, length or data.series_length
+    if channels is None or length is None:
+        raise ConfigError(
+            "the checkpoint records no data module to read the input shape: pass --channels C --length T"
         )
-    raise ConfigError(f"unknown logger {kind!r}; choose csv or wandb")
+    return int(channels), int(length)
 
 
-def _close(logger: Logger) -> None:
-    if isinstance(logger, WandbLogger):
-        logger.experiment.finish()  # the next WandbLogger starts its own run
+def export_checkpoint(
+    ckpt_path: str | os.PathLike,
+    output: str | os.PathLike,
+    channels: int | None = None,
+    length: int | None = None,
+    teacher: str | Sequence[str] | None = None,
+    opset: int | None = None,
+) -> Path:
+    """Write the student of a :class:`~lightning_tsd.TemporalSaliencyDistiller` checkpoint as ONNX with a
+    dynamic batch axis (``lightning-tsd export``); returns the ONNX file.
 
-
-def _trainer(epochs: int, logger: Logger, output: Path, fast: bool) -> pl.Trainer:
-    limits = {"limit_train_batches": 2, "limit_val_batches": 1} if fast else {}
-    return pl.Trainer(
-        max_epochs=epochs,
-        logger=logger,
-        default_root_dir=output,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-        **limits,
-    )
-
-
-def train_teacher(
-    data: UCRDataModule,
-    epochs: int,
-    logger: Logger,
-    output: Path,
-    model_name: str = TEACHER_MODEL,
-    model_kwargs: dict[str, Any] | None = None,
-    fast: bool = False,
-) -> tuple[nn.Module, float]:
-    """Train a :class:`TimeSeriesClassifier` teacher with cross-entropy; returns its network and the
-    wall time of the fit in seconds."""
-    classifier = TimeSeriesClassifier(
-        model_name=model_name,
-        in_channels=data.in_channels,
-        num_classes=data.num_classes,
-        model_kwargs=TEACHER_KWARGS if model_kwargs is None else model_kwargs,
-    )
-    start = time.perf_counter()
-    _trainer(epochs, logger, output, fast).fit(classifier, datamodule=data)
-    return classifier.model.eval(), time.perf_counter() - start
-
-
-def distil(
-    teacher: str | Path | nn.Module,
-    student: nn.Module,
-    data: UCRDataModule,
-    epochs: int,
-    logger: Logger,
-    output: Path,
-    seed: int = 0,
-    fast: bool = False,
-    **distiller_kwargs: Any,
-) -> tuple[TemporalSaliencyDistiller, float]:
-    """Distil ``teacher`` into ``student`` with the teacher cache on; returns the distiller and the wall
-    time of the fit in seconds. ``seed`` is set just before the fit, so two calls see the same batches."""
-    distiller = TemporalSaliencyDistiller(
-        str(teacher) if isinstance(teacher, Path) else teacher,
-        student,
-        teacher_cache=True,
-        **distiller_kwargs,
-    )
-    trainer = _trainer(epochs, logger, output, fast)
-    pl.seed_everything(seed, verbose=False)
-    start = time.perf_counter()
-    trainer.fit(distiller, datamodule=data)
-    return distiller, time.perf_counter() - start
-
-
-# --- demo -----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DemoRow:
-    """One line of the demo's table (None prints as a dash)."""
-
-    method: str
-    accuracy: float | None
-    agreement: float | None
-    kl: float | None
-    saliency_alignment: float | None
-    parameters: int
-    wall_time: float
-
-
-def results_table(rows: Sequence[DemoRow]) -> str:
-    """The demo's comparison as a Markdown table."""
-
-    def fmt(value: float | None) -> str:
-        return "–" if value is None else f"{value:.4f}"
-
-    lines = [
-        "| method | accuracy | agreement | KL | saliency alignment | parameters | wall time (s) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        numbers = [fmt(v) for v in (r.accuracy, r.agreement, r.kl, r.saliency_alignment)]
-        lines.append(f"| {r.method} | {' | '.join(numbers)} | {r.parameters:,} | {r.wall_time:.1f} |")
-    return "\n".join(lines)
-
-
-def saliency_figure(
-    teacher: nn.Module,
-    student: nn.Module,
-    data: UCRDataModule,
-    num_samples: int = 3,
-    steps: int = REPORT_IG_STEPS,
-) -> np.ndarray:
-    """Teacher and student integrated-gradients maps of the first test sample of each class (up to
-    ``num_samples``), drawn with :func:`~lightning_tsd.plotting.plot_saliency` and stacked into one RGB image."""
-    test = data.test_dataset
-    labels = test.y.numpy()
-    first_of_each_class = [int(np.flatnonzero(labels == c)[0]) for c in np.unique(labels)]
-    others = [i for i in range(len(test)) if i not in first_of_each_class]
-    picks = (first_of_each_class + others)[:num_samples]
-    x, mask = test.x[picks], None if test.mask is None else test.mask[picks]
-    modes = teacher.training, student.training
-    try:
-        teacher_logits, teacher_maps = temporal_saliency(
-            teacher.eval(), x, None, "integrated_gradients", mask=mask, steps=steps
-        )
-        target = teacher_logits.argmax(1)
-        _, student_maps = temporal_saliency(
-            student.eval(), x, target, "integrated_gradients", mask=mask, steps=steps
-        )
-    finally:
-        teacher.train(modes[0])
-        student.train(modes[1])
-    spearman = saliency_alignment(student_maps, teacher_maps, mask)["spearman"]
-    names = [str(c) for c in data.classes_]
-    images = [
-        figure_to_rgb(
-            plot_saliency(
-                x[i],
-                teacher_maps[i],
-                student_maps[i],
-                None if mask is None else mask[i],
-                title=f"{data.name} test #{picks[i]}: class {names[int(test.y[picks[i]])]}, teacher predicts "
-                f"{names[int(target[i])]}; Spearman(teacher, student) = {float(spearman[i]):.2f}",
-            )
-        )
-        for i in range(len(picks))
-    ]
-    return np.concatenate(images, axis=0)
-
-
-def run_demo(
-    dataset: str = "GunPoint",
-    epochs_teacher: int | None = None,
-    epochs_student: int | None = None,
-    logger: str = "csv",
-    output: str | Path = "demo_output",
-    fast: bool = False,
-    seed: int = 0,
-    batch_size: int = 16,
-) -> str:
-    """Run the whole story and write its files to ``output``; returns the Markdown table.
-
-    Trains a small InceptionTime teacher, saves it (``teacher.pt``), distils two :class:`NarrowFCN` students
-    from the same initialisation and batch order (KD alone: ``tsd_weight=0``; KD+TSD: the distiller's
-    defaults; both with a cosine learning-rate schedule), and measures each on the test split with :func:`~lightning_tsd.report.substitution_report`.
-    Writes ``results.md``, ``saliency.png`` (teacher vs KD+TSD student), ``substitution_report.md`` and
-    ``substitution_report.png`` (KD+TSD student), and the logs (``logs/<run>/metrics.csv``, or W&B runs).
-
-    Args:
-        dataset: a UCR/UEA dataset name (bundled with aeon: works offline).
-        epochs_teacher: teacher epochs (default :data:`DEMO_EPOCHS_TEACHER`, or 1 with ``fast``).
-        epochs_student: epochs of each student (default :data:`DEMO_EPOCHS_STUDENT`, or 1 with ``fast``).
-        logger: ``"csv"`` or ``"wandb"``.
-        output: output folder.
-        fast: a tiny budget (2 batches per epoch, 1 report batch) that only checks the plumbing.
-        seed: seed of the split, the initialisations and the batch order.
-        batch_size: batch size of every fit.
+    The checkpoint is read with ``weights_only=True``. The example input is ``(2, C, T)`` zeros: ``C`` and
+    ``T`` are ``channels``/``length``, or else read from the data module that ``lightning-tsd fit`` records
+    in the checkpoint. ``teacher`` replaces the teacher file (or the list of an ensemble's files) that the
+    checkpoint names, if those are not at hand; the teacher is loaded, not exported.
     """
-    epochs_teacher = epochs_teacher or (1 if fast else DEMO_EPOCHS_TEACHER)
-    epochs_student = epochs_student or (1 if fast else DEMO_EPOCHS_STUDENT)
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    pl.seed_everything(seed, verbose=False)
-    data = UCRDataModule(dataset, batch_size=batch_size, seed=seed)
-    report_options = {
-        "method": "integrated_gradients",
-        "max_batches": 1 if fast else None,
-        "method_kwargs": {"n_steps": 8 if fast else REPORT_IG_STEPS},
-    }
+    from lightning_tsd.export import export_onnx  # onnx is needed by this command only
 
-    print(
-        f"[1/3] training the teacher ({TEACHER_MODEL} {TEACHER_KWARGS}) on {dataset}, {epochs_teacher} epochs"
-    )
-    run_logger = make_logger(logger, output, "teacher", dataset)
-    teacher, teacher_seconds = train_teacher(data, epochs_teacher, run_logger, output, fast=fast)
-    _close(run_logger)
-    teacher_path = output / "teacher.pt"
-    save_teacher(teacher, teacher_path)
-
-    pl.seed_everything(seed, verbose=False)
-    student_init = NarrowFCN(data.in_channels, data.num_classes)
-    rows = []
-    for step, (method, run, kwargs) in enumerate(
-        [("KD", "kd", {"tsd_weight": 0.0}), ("KD+TSD", "kd_tsd", {})], 2
-    ):
-        print(f"[{step}/3] distilling a NarrowFCN student with {method}, {epochs_student} epochs")
-        if step > 2:
-            _close(run_logger)
-        run_logger = make_logger(logger, output, run, dataset)
-        distiller, seconds = distil(
-            teacher_path,
-            copy.deepcopy(student_init),
-            data,
-            epochs_student,
-            run_logger,
-            output,
-            seed,
-            fast,
-            scheduler=DEMO_SCHEDULER,
-            **kwargs,
+    payload = safe_torch_load(ckpt_path)
+    if not isinstance(payload, dict) or "state_dict" not in payload:
+        raise ConfigError(f"{ckpt_path} is not a Lightning checkpoint of a TemporalSaliencyDistiller")
+    shape = _example_shape(payload, channels, length)
+    if isinstance(teacher, (list, tuple)):  # one file is a teacher, more are an ensemble
+        teacher = teacher[0] if len(teacher) == 1 else list(teacher)
+    overrides: dict[str, Any] = {} if teacher is None else {"teacher": teacher}
+    try:
+        distiller = TemporalSaliencyDistiller.load_from_checkpoint(
+            Path(ckpt_path), map_location="cpu", weights_only=True, **overrides
         )
-        student = distiller.student
-        report = substitution_report(teacher, student, data.test_dataloader(), **report_options)
-        rows.append(
-            DemoRow(
-                f"{method} (NarrowFCN)",
-                report.student_accuracy,
-                report.agreement,
-                report.kl,
-                report.saliency["spearman"],
-                count_parameters(student),
-                seconds,
-            )
-        )
-        run_logger.log_metrics(
-            {f"test/{key}": value for key, value in vars(rows[-1]).items() if isinstance(value, float)}
-        )
-
-    # The last report, figures and run belong to the KD+TSD student.
-    teacher_row = DemoRow(
-        f"teacher ({TEACHER_MODEL})",
-        report.teacher_accuracy,
-        None,
-        None,
-        None,
-        count_parameters(teacher),
-        teacher_seconds,
-    )
-    table = results_table([teacher_row, *rows])
-    (output / "substitution_report.md").write_text(report.to_markdown())
-    report.figure().savefig(output / "substitution_report.png")
-    imsave(output / "saliency.png", saliency_figure(teacher, student, data, 2 if fast else 3))
-    if isinstance(run_logger, WandbLogger):
-        run_logger.log_image(
-            "demo/figures", [str(output / "saliency.png"), str(output / "substitution_report.png")]
-        )
-    _close(run_logger)
-    elapsed = time.perf_counter() - start
-    (output / "results.md").write_text(
-        f"# lightning-tsd demo: {dataset}\n\n"
-        f"Teacher: {TEACHER_MODEL} {TEACHER_KWARGS}, {epochs_teacher} epochs. Students: NarrowFCN, "
-        f"{epochs_student} epochs each, same initialisation and batch order, {DEMO_SCHEDULER} learning rate, "
-        f"teacher cache on; KD+TSD uses the distiller's default TSD settings. Metrics on the "
-        f"test split; saliency alignment is the mean Spearman correlation of captum IntegratedGradients maps "
-        f"({REPORT_IG_STEPS} steps), teacher vs student.{' FAST RUN: the numbers mean nothing.' if fast else ''}"
-        f"\n\n{table}\n\nTotal wall time: {elapsed:.1f} s\n"
-    )
-    print(
-        f"\n{table}\n\nTotal wall time: {elapsed:.1f} s. Files in {output}/: results.md, teacher.pt, "
-        "saliency.png, substitution_report.md, substitution_report.png, logs"
-    )
-    return table
+    except FileNotFoundError as err:
+        raise ConfigError(f"{err} (the checkpoint's teacher): pass --teacher PATH") from err
+    return export_onnx(distiller.student.eval(), output, torch.zeros(2, *shape), opset=opset)
 
 
 # --- argparse commands ------------------------------------------------------------------------------------
 
 
-def _extra_commands() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``demo``, ``train-teacher`` and ``export`` (the other commands are LightningCLI's)."""
     parser = argparse.ArgumentParser(prog="lightning-tsd")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="train a teacher, distil KD vs KD+TSD students, compare them")
-    demo.add_argument("--dataset", default="GunPoint", help="UCR/UEA dataset (default: GunPoint)")
-    demo.add_argument(
-        "--epochs-teacher", type=int, help=f"teacher epochs (default: {DEMO_EPOCHS_TEACHER}; 1 with --fast)"
+    teacher = commands.add_parser("train-teacher", help="train a teacher classifier and write a teacher file")
+    export = commands.add_parser("export", help="write the student of a distiller checkpoint as ONNX")
+    for command in (demo, teacher):
+        command.add_argument("--dataset", default="GunPoint", help="UCR/UEA dataset (default: GunPoint)")
+        logger_help = "csv (default) or wandb (offline unless you are logged in)"
+        command.add_argument("--logger", choices=["csv", "wandb"], default="csv", help=logger_help)
+        command.add_argument("--seed", type=int, default=0)
+
+    epochs = (
+        f"(default: teacher {_demo.DEMO_EPOCHS_TEACHER}, student {_demo.DEMO_EPOCHS_STUDENT}; 1 with --fast)"
     )
-    demo.add_argument(
-        "--epochs-student",
-        type=int,
-        help=f"epochs per student (default: {DEMO_EPOCHS_STUDENT}; 1 with --fast)",
-    )
-    demo.add_argument(
-        "--logger",
-        choices=["csv", "wandb"],
-        default="csv",
-        help="csv (default) or wandb (offline unless you are logged in)",
-    )
+    demo.add_argument("--epochs-teacher", type=int, help=f"teacher epochs {epochs}")
+    demo.add_argument("--epochs-student", type=int, help=f"epochs per student {epochs}")
+    batch = _demo.DEMO_BATCH_SIZE
+    demo.add_argument("--batch_size", "--batch-size", type=int, default=batch, help=f"default: {batch}")
     demo.add_argument("--output", default="demo_output", help="output folder (default: ./demo_output)")
     demo.add_argument("--fast", action="store_true", help="a tiny budget that only checks the plumbing")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads (default: 1; the demo's models are so small that more threads "
-        "mostly add synchronisation, and they stall on shared cores)",
-    )
+    threads = "torch CPU threads (default: 1; the demo's models are so small that more threads mostly add "
+    threads += "synchronisation, and they stall on shared cores)"
+    demo.add_argument("--threads", type=int, default=1, help=threads)
 
-    teacher = commands.add_parser("train-teacher", help="train a teacher classifier and write a teacher file")
-    teacher.add_argument("--dataset", default="GunPoint", help="UCR/UEA dataset (default: GunPoint)")
-    teacher.add_argument("--epochs", type=int, default=DEMO_EPOCHS_TEACHER)
+    teacher.add_argument("--epochs", type=int, default=_demo.DEMO_EPOCHS_TEACHER)
     teacher.add_argument(
-        "--model", default=TEACHER_MODEL, help=f"a lightning_tsd.models name ({TEACHER_MODEL})"
+        "--model", dest="model_name", default=_demo.TEACHER_MODEL, help="a lightning_tsd.models name"
     )
-    teacher.add_argument(
-        "--model-kwargs",
-        type=json.loads,
-        help=f"JSON init arguments of the model (default for InceptionTime: '{json.dumps(TEACHER_KWARGS)}')",
-    )
+    kwargs = f"JSON init arguments of the model (InceptionTime's: '{json.dumps(_demo.TEACHER_KWARGS)}')"
+    teacher.add_argument("--model-kwargs", type=json.loads, help=kwargs)
     teacher.add_argument("--output", help="teacher file (default: teachers/<dataset>.pt)")
-    teacher.add_argument("--logger", choices=["csv", "wandb"], default="csv")
-    teacher.add_argument("--seed", type=int, default=0)
-    teacher.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ensemble = "train N teachers (seeds seed .. seed+N-1), written beside --output as <its stem>_0.pt .. "
+    ensemble += "<its stem>_<N-1>.pt; the published InceptionTime is an ensemble of 5"
+    teacher.add_argument("--ensemble", type=int, metavar="N", help=ensemble)
+
+    export.add_argument("--ckpt_path", "--ckpt-path", required=True, help="a distiller checkpoint")
+    export.add_argument("--output", default="student.onnx", help="ONNX file (default: student.onnx)")
+    export.add_argument("--channels", type=int, help="input channels C (default: from the checkpoint's data)")
+    export.add_argument("--length", type=int, help="series length T (default: from the checkpoint's data)")
+    export.add_argument("--teacher", nargs="+", help="teacher file(s), if the checkpoint's are not at hand")
+    export.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    for command in (teacher, export):
+        command.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     return parser
-
-
-def _train_teacher_command(args: argparse.Namespace) -> None:
-    output = Path(args.output or f"teachers/{args.dataset}.pt")
-    pl.seed_everything(args.seed, verbose=False)
-    data = UCRDataModule(args.dataset, seed=args.seed)
-    kwargs = (
-        args.model_kwargs
-        if args.model_kwargs is not None
-        else (TEACHER_KWARGS if args.model == TEACHER_MODEL else {})
-    )
-    logger = make_logger(args.logger, output.parent, f"teacher_{args.dataset}", args.dataset)
-    model, seconds = train_teacher(data, args.epochs, logger, output.parent, args.model, kwargs)
-    _close(logger)
-    save_teacher(model, output)
-    accuracy = substitution_report(model, model, data.test_dataloader(), method=None).teacher_accuracy
-    print(
-        f"teacher {args.model} on {args.dataset}: test accuracy {accuracy:.4f}, "
-        f"{seconds:.1f} s; written to {output}"
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``lightning-tsd`` console script."""
     args = sys.argv[1:] if argv is None else list(argv)
     try:
-        if args and args[0] in ("demo", "train-teacher"):
-            options = _extra_commands().parse_args(args)
-            if options.threads:
-                torch.set_num_threads(options.threads)
-            if options.command == "demo":
-                warnings.filterwarnings("ignore", ".*does not have many workers.*")
-                warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
-                run_demo(
-                    options.dataset,
-                    options.epochs_teacher,
-                    options.epochs_student,
-                    options.logger,
-                    options.output,
-                    options.fast,
-                    options.seed,
-                )
-            else:
-                _train_teacher_command(options)
-        else:
+        if not (args and args[0] in ("demo", "train-teacher", "export")):
             run_lightning_cli(None if argv is None else args)
+            return
+        options = vars(build_parser().parse_args(args))  # named as the arguments of the command's function
+        command, threads = options.pop("command"), options.pop("threads")
+        if threads:
+            torch.set_num_threads(threads)
+        if command == "demo":
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+            warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
+        run: dict[str, Callable[..., Any]] = {
+            "demo": _demo.run_demo,
+            "train-teacher": _demo.train_teachers,
+            "export": export_checkpoint,
+        }
+        result = run[command](**options)
+        if command == "export":
+            print(f"student written to {result}")
     except ConfigError as err:
         sys.exit(f"lightning-tsd: error: {err}")
 

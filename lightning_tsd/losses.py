@@ -9,15 +9,17 @@ Every loss is a batch mean and works without Lightning.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_tsd._batch import call_model
-from lightning_tsd.saliency import ESTIMATORS, temporal_saliency
+from lightning_tsd._batch import InvalidBatchError, call_model
+from lightning_tsd.saliency import check_saliency_options, temporal_saliency
+from lightning_tsd.teacher import SALIENCY_TARGETS, model_saliency, teacher_options
 
 ALIGNMENTS = ("kl", "pearson", "cosine")
 BaseLoss = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -88,12 +90,36 @@ def _zscore(saliency: Tensor, weight: Tensor) -> Tensor:
     return (saliency - mean) * weight / var.clamp_min(1e-16).sqrt()
 
 
+def smooth_saliency(saliency: Tensor, window: int, mask: Tensor | None = None) -> Tensor:
+    """Moving average of ``(B, T)`` maps over ``window`` steps (centred; real steps only, edges included).
+
+    A normalised convolution: each step becomes the mean of the real steps within ``window // 2`` of it,
+    so padded steps neither contribute nor receive weight. ``window=1`` returns the maps unchanged.
+
+    Example:
+        >>> smooth_saliency(torch.tensor([[0.0, 3.0, 0.0, 0.0]]), 3).tolist()
+        [[1.5, 1.0, 1.0, 0.0]]
+    """
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"saliency_smoothing must be a positive integer (steps), got {window!r}")
+    if window == 1:
+        return saliency
+    weight = torch.ones_like(saliency) if mask is None else mask.to(saliency.dtype)
+    kernel = torch.ones(1, 1, window, dtype=saliency.dtype, device=saliency.device)
+    left, right = (window - 1) // 2, window // 2
+    total = F.conv1d(F.pad((saliency * weight).unsqueeze(1), (left, right)), kernel).squeeze(1)
+    count = F.conv1d(F.pad(weight.unsqueeze(1), (left, right)), kernel).squeeze(1)
+    return total / count.clamp_min(1.0) * weight
+
+
 def saliency_alignment_loss(
     student_saliency: Tensor,
     teacher_saliency: Tensor,
     alignment: str = "kl",
     temperature: float = 1.0,
     mask: Tensor | None = None,
+    smoothing: int = 1,
+    reduction: str = "mean",
 ) -> Tensor:
     """TSD alignment loss between two ``(B, T)`` saliency maps, over real steps, averaged over the batch.
 
@@ -105,6 +131,8 @@ def saliency_alignment_loss(
             ``1 - cos`` of the raw maps.
         temperature: saliency temperature ``tau_s`` of the ``"kl"`` alignment.
         mask: ``(B, T)`` bool, True on real steps.
+        smoothing: moving-average window (steps) applied to both maps first (:func:`smooth_saliency`).
+        reduction: ``"mean"`` over the batch, or ``"none"`` for the ``(B,)`` per-sample losses.
 
     The loss is >= 0, is 0 when the student map equals the teacher map up to a positive scale, and is
     finite (with finite gradients) for all-zero maps.
@@ -121,8 +149,12 @@ def saliency_alignment_loss(
             "saliency maps must both be (B, T); got student "
             f"{tuple(student_saliency.shape)} and teacher {tuple(teacher_saliency.shape)}"
         )
-    student, weight = _masked(student_saliency.float(), mask)
-    teacher, _ = _masked(teacher_saliency.float().detach(), mask)
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    student_saliency = smooth_saliency(student_saliency.float(), smoothing, mask)
+    teacher_saliency = smooth_saliency(teacher_saliency.float().detach(), smoothing, mask)
+    student, weight = _masked(student_saliency, mask)
+    teacher, _ = _masked(teacher_saliency, mask)
     if alignment == "kl":
         if temperature <= 0:
             raise ValueError(f"saliency temperature must be > 0, got {temperature}")
@@ -139,10 +171,38 @@ def saliency_alignment_loss(
         if alignment == "pearson":
             student, teacher = _zscore(student, weight), _zscore(teacher, weight)
         per_sample = 1.0 - F.cosine_similarity(student, teacher, dim=1, eps=1e-12)
-    return per_sample.clamp_min(0.0).mean()
+    per_sample = per_sample.clamp_min(0.0)
+    return per_sample.mean() if reduction == "mean" else per_sample
 
 
 BASE_LOSSES = ("kd", "dkd", "none")  # or any callable (student_logits, teacher_logits, y) -> loss
+
+
+def base_distillation_loss(
+    base_loss: str | BaseLoss,
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    y: Tensor | None,
+    temperature: float = 4.0,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+) -> Tensor | None:
+    """The base loss by name (``"kd"``, ``"dkd"``, ``"none"`` gives None) or a callable ``(z_S, z_T, y)``.
+
+    Example:
+        >>> z = torch.tensor([[1.0, 0.0]])
+        >>> float(base_distillation_loss("kd", z, z, None)), base_distillation_loss("none", z, z, None)
+        (0.0, None)
+    """
+    if base_loss == "kd":
+        return kd_loss(student_logits, teacher_logits, temperature)
+    if base_loss == "dkd":
+        if y is None:
+            raise InvalidBatchError("base_loss='dkd' needs labels y in every batch")
+        return dkd_loss(student_logits, teacher_logits, y, alpha, beta, temperature)
+    if base_loss == "none":
+        return None
+    return base_loss(student_logits, teacher_logits, y)
 
 
 class TSDOutput(NamedTuple):
@@ -164,11 +224,12 @@ def teacher_outputs(
     mask: Tensor | None = None,
     **options: object,
 ) -> tuple[Tensor, Tensor | None]:
-    """The teacher's logits and (unless ``saliency is None``) its saliency map, from one forward.
-
-    The teacher must already be in eval mode; no parameter gradient is built. ``target=None`` explains
-    the teacher's own prediction.
-    """
+    """Deprecated: use :class:`lightning_tsd.teacher.TeacherSource` (``.live(x, y, mask)``)."""
+    warnings.warn(
+        "lightning_tsd.losses.teacher_outputs is deprecated; use lightning_tsd.teacher.TeacherSource",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     if saliency is None:
         with torch.no_grad():
             return call_model(teacher, x, mask), None
@@ -186,8 +247,13 @@ class TemporalSaliencyLoss(nn.Module):
         saliency: estimator name (see :data:`lightning_tsd.saliency.ESTIMATORS`).
         alignment: ``"kl"``, ``"pearson"`` or ``"cosine"`` (see :func:`saliency_alignment_loss`).
         saliency_temperature: ``tau_s`` of the ``"kl"`` alignment.
-        saliency_target: ``"teacher"`` explains the teacher's predicted class, ``"label"`` the label ``y``.
-        **saliency_options: ``steps`` (integrated gradients), ``window``/``stride`` (occlusion).
+        saliency_target: ``"teacher"`` explains the teacher's predicted class, ``"label"`` the label ``y``,
+            ``"distribution"`` every class: one map per class for both models, aligned class by class and
+            weighted by the teacher's probabilities (Jacobian matching; ``K`` times the saliency cost).
+        saliency_smoothing: moving-average window (steps) applied to both maps before alignment.
+        teacher_saliency_options: the estimator's options for the teacher's maps; by default the student's
+            without ``sampling``/``generator`` (the teacher's maps stay deterministic and cacheable).
+        **saliency_options: the estimator's options (``steps``, ``window``/``stride``, ...), checked here.
 
     Example:
         >>> teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()
@@ -203,19 +269,26 @@ class TemporalSaliencyLoss(nn.Module):
         alignment: str = "pearson",
         saliency_temperature: float = 1.0,
         saliency_target: str = "teacher",
-        **saliency_options: object,
+        saliency_smoothing: int = 1,
+        teacher_saliency_options: dict[str, Any] | None = None,
+        **saliency_options: Any,
     ) -> None:
         super().__init__()
-        if saliency not in ESTIMATORS:
-            raise ValueError(f"unknown saliency method {saliency!r}; choose one of {sorted(ESTIMATORS)}")
+        check_saliency_options(saliency, dict(saliency_options))
+        self.teacher_saliency_options = teacher_options(saliency_options, teacher_saliency_options)
+        check_saliency_options(saliency, self.teacher_saliency_options)
         if alignment not in ALIGNMENTS:
             raise ValueError(f"unknown alignment {alignment!r}; choose one of {list(ALIGNMENTS)}")
-        if saliency_target not in ("teacher", "label"):
-            raise ValueError(f"saliency_target must be 'teacher' or 'label', got {saliency_target!r}")
+        if saliency_target not in SALIENCY_TARGETS:
+            raise ValueError(
+                f"saliency_target must be one of {list(SALIENCY_TARGETS)}, got {saliency_target!r}"
+            )
+        smooth_saliency(torch.zeros(1, 1), saliency_smoothing)  # checks the window
         self.saliency = saliency
         self.alignment = alignment
         self.saliency_temperature = saliency_temperature
         self.saliency_target = saliency_target
+        self.saliency_smoothing = saliency_smoothing
         self.saliency_options = dict(saliency_options)
 
     def forward(
@@ -226,6 +299,8 @@ class TemporalSaliencyLoss(nn.Module):
         y: Tensor | None = None,
         mask: Tensor | None = None,
         teacher_cached: tuple[Tensor, Tensor] | None = None,
+        validated: bool = False,
+        generator: torch.Generator | None = None,
     ) -> TSDOutput:
         """Compute the alignment loss.
 
@@ -235,22 +310,45 @@ class TemporalSaliencyLoss(nn.Module):
             x: ``(B, C, T)`` input.
             y: labels, needed when ``saliency_target="label"``.
             mask: ``(B, T)`` bool, True on real steps.
-            teacher_cached: precomputed ``(teacher_logits, teacher_saliency)`` for this batch.
+            teacher_cached: precomputed ``(teacher_logits, teacher_saliency)`` for this batch
+                (e.g. from :class:`lightning_tsd.teacher.TeacherSource`).
+            validated: ``x``, ``mask`` and ``y`` were checked by the caller (see
+                :func:`~lightning_tsd.saliency.temporal_saliency`): no check reads a device value.
+            generator: random source of the student's ``sampling="uniform"`` interpolants for this call.
         """
         if self.saliency_target == "label" and y is None:
             raise ValueError("saliency_target='label' needs the labels y")
         label_target = y if self.saliency_target == "label" else None
+        common = dict(method=self.saliency, target_mode=self.saliency_target, mask=mask, validated=validated)
         if teacher_cached is None:
-            teacher_logits, teacher_saliency = teacher_outputs(
-                teacher, x, label_target, saliency=self.saliency, mask=mask, **self.saliency_options
+            teacher_logits, teacher_saliency = model_saliency(
+                teacher, x, label_target, **common, **self.teacher_saliency_options
             )
         else:
             teacher_logits, teacher_saliency = teacher_cached
-        target = label_target if label_target is not None else teacher_logits.argmax(dim=1)
-        student_logits, student_saliency = temporal_saliency(
-            student, x, target, method=self.saliency, create_graph=True, mask=mask, **self.saliency_options
+        target = label_target if label_target is not None else teacher_logits.detach().argmax(dim=1)
+        options = {**self.saliency_options, **({"generator": generator} if generator is not None else {})}
+        student_logits, student_saliency = model_saliency(
+            student, x, target, create_graph=True, num_classes=teacher_logits.shape[1], **common, **options
         )
-        loss = saliency_alignment_loss(
-            student_saliency, teacher_saliency, self.alignment, self.saliency_temperature, mask
-        )
+        loss = self.alignment_loss(student_saliency, teacher_saliency, teacher_logits, mask)
         return TSDOutput(loss, student_logits, student_saliency, teacher_saliency, teacher_logits)
+
+    def alignment_loss(
+        self, student_saliency: Tensor, teacher_saliency: Tensor, teacher_logits: Tensor, mask: Tensor | None
+    ) -> Tensor:
+        """The alignment of two maps ``(B, T)``, or of two stacks ``(B, K, T)`` class by class, weighted by
+        the teacher's probabilities (``saliency_target="distribution"``)."""
+        args = (self.alignment, self.saliency_temperature)
+        if student_saliency.ndim == 2:
+            return saliency_alignment_loss(
+                student_saliency, teacher_saliency, *args, mask, self.saliency_smoothing
+            )
+        batch, classes, length = student_saliency.shape
+        class_mask = None if mask is None else mask.repeat_interleave(classes, dim=0)
+        per_map = saliency_alignment_loss(
+            student_saliency.reshape(-1, length), teacher_saliency.reshape(-1, length), *args, class_mask,
+            self.saliency_smoothing, reduction="none",
+        )  # fmt: skip
+        weights = F.softmax(teacher_logits.detach().float(), dim=1)
+        return (weights * per_map.view(batch, classes)).sum(dim=1).mean()

@@ -132,3 +132,73 @@ class TeacherStudentDivergence(_MeanOfPerSample):
     def compute(self) -> dict[str, Tensor]:
         """Means over all samples: ``kl`` and ``js``."""
         return self._means()
+
+
+class DistillationMetrics(torch.nn.Module):
+    """The distiller's validation and test metrics: agreement, divergence, student and teacher accuracy, and
+    the student's cross-entropy, one torchmetrics collection per stage (they sync under DDP).
+
+    Args:
+        num_classes: the class count (None: accuracy and loss need it, so only agreement and divergence).
+        stages: the stages to keep metrics for.
+
+    Example:
+        >>> metrics = DistillationMetrics(3)
+        >>> z = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+        >>> metrics.update("val", z, z, torch.tensor([0, 2]))
+        >>> values = metrics.compute("val")
+        >>> float(values["val/agreement"]), float(values["val/acc"])
+        (1.0, 0.5)
+    """
+
+    def __init__(self, num_classes: int | None, stages: tuple[str, ...] = ("val", "test")) -> None:
+        super().__init__()
+        from torchmetrics import MeanMetric, MetricCollection
+        from torchmetrics.classification import MulticlassAccuracy
+
+        self.num_classes = num_classes
+        self.stages = torch.nn.ModuleDict()
+        for stage in stages:
+            metrics: dict[str, Metric] = {
+                "agreement": TeacherAgreement(),
+                "divergence": TeacherStudentDivergence(),
+            }
+            if num_classes is not None:
+                metrics["acc"] = MulticlassAccuracy(num_classes, average="micro")
+                metrics["teacher_acc"] = MulticlassAccuracy(num_classes, average="micro")
+            metrics["loss"] = MeanMetric(nan_strategy="disable")  # the student's CE (NaN stays NaN)
+            self.stages[stage] = MetricCollection(metrics, compute_groups=False)
+
+    def __getitem__(self, stage: str) -> Any:
+        return self.stages[stage]
+
+    def update(self, stage: str, student_logits: Tensor, teacher_logits: Tensor, y: Tensor | None) -> None:
+        """Update the stage's metrics with one batch (accuracy and loss only for labelled batches)."""
+        metrics = self.stages[stage]
+        metrics["agreement"].update(student_logits, teacher_logits)
+        metrics["divergence"].update(student_logits, teacher_logits)
+        if y is not None and "acc" in metrics:
+            metrics["acc"].update(student_logits, y)
+            metrics["teacher_acc"].update(teacher_logits, y)
+            # a metric, not self.log(sync_dist=True): ranks whose batches lack labels must not skip a collective
+            per_sample = torch.nn.functional.cross_entropy(student_logits.float(), y, reduction="none")
+            metrics["loss"].update(per_sample)
+
+    def compute(self, stage: str, any_rank: Any = bool) -> dict[str, Tensor]:
+        """``{"{stage}/{name}": value}`` for every metric updated on any rank, then reset.
+
+        ``compute()`` syncs, so every rank must call it for a metric or none: ``any_rank(flag)`` (an
+        all-reduce under DDP) decides for all of them.
+        """
+        values: dict[str, Tensor] = {}
+        for name, metric in self.stages[stage].items():
+            if not any_rank(metric.update_called):
+                continue
+            result = metric.compute()
+            if isinstance(result, dict):
+                values.update({f"{stage}/{key}": value for key, value in result.items()})
+            else:
+                values[f"{stage}/{name}"] = result
+            with torch.inference_mode(False):  # fresh states usable by a later fit (no inference tensors)
+                metric.reset()
+        return values

@@ -2,6 +2,8 @@
 
 Figures are ``matplotlib.figure.Figure`` objects that no pyplot window manager tracks, so they are safe
 with any backend and are freed by the garbage collector; :func:`figure_to_rgb` renders one with Agg.
+:func:`saliency_comparison` computes and draws the teacher's and a student's integrated-gradients maps of a
+few series as one stacked image (the demo's ``saliency.png``). Plain torch and matplotlib: no Lightning.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from torch import Tensor
+from torch import Tensor, nn
+
+from lightning_tsd.functional import saliency_alignment
+from lightning_tsd.saliency import temporal_saliency
 
 ArrayLike = Tensor | np.ndarray | Sequence[float]
 
@@ -136,3 +141,63 @@ def figure_to_rgb(fig: Figure) -> np.ndarray:
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def saliency_comparison(
+    teacher: nn.Module,
+    student: nn.Module,
+    x: Tensor,
+    mask: Tensor | None = None,
+    captions: Sequence[str] | None = None,
+    class_names: Sequence[str] | None = None,
+    steps: int = 32,
+) -> np.ndarray:
+    """Teacher and student integrated-gradients maps of each series of ``x``, one :func:`plot_saliency`
+    panel per series, stacked top to bottom into one RGB image.
+
+    Both maps target the teacher's predicted class; each panel's title gives its caption, the teacher's
+    prediction and the Spearman correlation of the two maps. Both models run in eval mode and get their
+    modes back afterwards.
+
+    Args:
+        teacher: the teacher, ``(B, C, T) -> (B, K)``.
+        student: the student, same signature.
+        x: ``(N, C, T)`` series, one panel each.
+        mask: ``(N, T)`` bool, True on real steps; None means all real.
+        captions: one title prefix per series (e.g. ``"GunPoint test #3: class 1"``).
+        class_names: names of the classes (default: their indices).
+        steps: integrated-gradients steps.
+
+    Returns:
+        An ``(N * H, W, 3)`` uint8 array (save it with ``matplotlib.image.imsave``).
+
+    Example:
+        >>> teacher = nn.Sequential(nn.Flatten(), nn.Linear(20, 2))
+        >>> student = nn.Sequential(nn.Flatten(), nn.Linear(20, 2))
+        >>> saliency_comparison(teacher, student, torch.randn(2, 1, 20), steps=4).shape
+        (800, 800, 3)
+    """
+    modes = teacher.training, student.training
+    try:
+        teacher_logits, teacher_maps = temporal_saliency(
+            teacher.eval(), x, None, "integrated_gradients", mask=mask, steps=steps
+        )
+        target = teacher_logits.argmax(1)
+        _, student_maps = temporal_saliency(
+            student.eval(), x, target, "integrated_gradients", mask=mask, steps=steps
+        )
+    finally:
+        teacher.train(modes[0])
+        student.train(modes[1])
+    spearman = saliency_alignment(student_maps, teacher_maps, mask)["spearman"]
+    names = [str(c) for c in class_names] if class_names is not None else None
+    images = []
+    for i in range(len(x)):
+        predicted = names[int(target[i])] if names is not None else str(int(target[i]))
+        caption = f"{captions[i]}, teacher" if captions is not None else "teacher"
+        title = f"{caption} predicts {predicted}; Spearman(teacher, student) = {float(spearman[i]):.2f}"
+        figure = plot_saliency(
+            x[i], teacher_maps[i], student_maps[i], None if mask is None else mask[i], title
+        )
+        images.append(figure_to_rgb(figure))
+    return np.concatenate(images, axis=0)

@@ -4,15 +4,19 @@
 of each, their agreement (overall and per teacher-predicted class), KL/JS divergence, saliency alignment
 and the teacher-vs-student confusion matrix, all through torchmetrics classes (so, under
 ``torch.distributed``, call it on every rank: the numbers sync; the worst-sample list is per rank). The
-verdict checks them against :class:`SubstitutionThresholds`.
-:class:`SubstitutionReportCallback` writes the report after ``trainer.test``.
+verdict checks them against :class:`SubstitutionThresholds`. ``cost`` holds each model's parameter count,
+serialized size and forward latency. :class:`SubstitutionReportCallback` writes the report after
+``trainer.test``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 import math
+import statistics
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +34,9 @@ from torchmetrics.classification import (
     MulticlassConfusionMatrix,
 )
 
-from lightning_tsd._batch import Batch, unpack_batch
-from lightning_tsd.callbacks import CAPTUM_METHODS, _check_choice, _logits, _saliency_pair, _teacher_student
+from lightning_tsd._batch import Batch, call_model, unpack_batch
+from lightning_tsd.attribution import check_attribution_options, eval_logits, eval_mode, saliency_pair
+from lightning_tsd.callbacks import teacher_student
 from lightning_tsd.functional import teacher_student_divergence
 from lightning_tsd.metrics import SaliencyAlignment, TeacherAgreement, TeacherStudentDivergence
 
@@ -120,6 +125,7 @@ class SubstitutionReport:
     worst: list[WorstSample]
     method: str | None
     thresholds: SubstitutionThresholds = field(default_factory=SubstitutionThresholds)
+    cost: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def accuracy_drop(self) -> float | None:
@@ -156,81 +162,51 @@ class SubstitutionReport:
         return out
 
     def to_markdown(self) -> str:
-        """The report as Markdown: verdict, models, per-class agreement, saliency, confusion, worst samples."""
-        verdict = "**yes**" if self.can_substitute else "**no**"
-        lines = [
+        """The report as Markdown: verdict, models, cost, per-class agreement, saliency, confusion, worst."""
+        checks = [
+            [c.name, c.value, f"{c.op} {_fmt(c.threshold)}", "pass" if c.passed else "FAIL"]
+            for c in self.checks
+        ]
+        models = [
+            ["accuracy", self.teacher_accuracy, self.student_accuracy],
+            ["ECE", self.teacher_ece, self.student_ece],
+        ]
+        t, s = self.cost.get("teacher"), self.cost.get("student")
+        cost = (
+            [[name, t[k], s[k], s[k] / t[k] if t[k] else None] for name, k in _COST_ROWS] if t and s else []
+        )
+        classes = [[c, n, a] for c, (n, a) in enumerate(zip(self.per_class_count, self.per_class_agreement))]
+        confusion = [[c, *row] for c, row in enumerate(self.confusion)]
+        worst = [[w.index, w.kl, w.teacher_pred, w.student_pred, w.label] for w in self.worst]
+        md = [
             "# Substitution report",
             "",
-            f"Can the student replace the teacher? {verdict} ({self.num_samples} samples, "
-            f"{self.num_classes} classes, saliency method: {self.method or 'none'})",
-            "",
-            "## Verdict",
-            "",
-            *_table(
-                ["check", "value", "rule", "result"],
-                [
-                    [c.name, _fmt(c.value), f"{c.op} {_fmt(c.threshold)}", "pass" if c.passed else "FAIL"]
-                    for c in self.checks
-                ],
-            ),
-            "",
-            "## Teacher and student",
-            "",
-            *_table(
-                ["metric", "teacher", "student"],
-                [
-                    ["accuracy", _fmt(self.teacher_accuracy), _fmt(self.student_accuracy)],
-                    ["ECE", _fmt(self.teacher_ece), _fmt(self.student_ece)],
-                ],
-            ),
-            "",
-            *_table(
-                ["agreement", "KL(teacher ‖ student)", "JS"],
-                [[_fmt(self.agreement), _fmt(self.kl), _fmt(self.js)]],
-            ),
-            "",
-            "## Agreement per teacher-predicted class",
-            "",
-            *_table(
-                ["class", "samples", "agreement"],
-                [
-                    [str(c), str(n), _fmt(a)]
-                    for c, (n, a) in enumerate(zip(self.per_class_count, self.per_class_agreement))
-                ],
-            ),
-            "",
-            "## Saliency alignment",
-            "",
-            *(
-                _table(list(self.saliency), [[_fmt(v) for v in self.saliency.values()]])
-                if self.saliency
-                else ["not measured"]
-            ),
-            "",
-            "## Confusion (rows: teacher, columns: student)",
-            "",
-            *_table(
-                ["teacher \\ student", *map(str, range(self.num_classes))],
-                [[str(t), *map(str, row)] for t, row in enumerate(self.confusion)],
-            ),
-            "",
-            "## Largest divergence samples",
-            "",
-            *_table(
-                ["index", "KL", "teacher", "student", "label"],
-                [
-                    [str(w.index), _fmt(w.kl), str(w.teacher_pred), str(w.student_pred), _fmt(w.label)]
-                    for w in self.worst
-                ],
-            ),
-            "",
+            f"Can the student replace the teacher? {'**yes**' if self.can_substitute else '**no**'} "
+            f"({self.num_samples} samples, {self.num_classes} classes, "
+            f"saliency method: {self.method or 'none'})",
         ]
-        return "\n".join(lines)
+        md += _section("Verdict", ["check", "value", "rule", "result"], checks)
+        md += _section("Teacher and student", ["metric", "teacher", "student"], models)
+        md += _section(
+            None, ["agreement", "KL(teacher ‖ student)", "JS"], [[self.agreement, self.kl, self.js]]
+        )
+        md += _section("Cost", ["cost", "teacher", "student", "student / teacher"], cost)
+        md += (
+            ["", f"Latency: median wall time of one forward on the first batch ({_LATENCY})."] if cost else []
+        )
+        md += _section("Agreement per teacher-predicted class", ["class", "samples", "agreement"], classes)
+        md += _section("Saliency alignment", list(self.saliency), [list(self.saliency.values())])
+        header = ["teacher \\ student", *map(str, range(self.num_classes))]
+        md += _section("Confusion (rows: teacher, columns: student)", header, confusion)
+        md += _section("Largest divergence samples", ["index", "KL", "teacher", "student", "label"], worst)
+        return "\n".join([*md, ""])
 
     def figure(self) -> Figure:
-        """The teacher-vs-student confusion matrix and per-class agreement bars, as a ``Figure``."""
-        fig = Figure(figsize=(10, 4), dpi=100, layout="constrained")
-        ax_cm, ax_bar = fig.subplots(1, 2)
+        """The teacher-vs-student confusion matrix, per-class agreement bars, and a panel listing every
+        check (green ``pass``, red ``FAIL``) and both models' cost, as a ``Figure``; the title names the
+        failed checks."""
+        fig = Figure(figsize=(14, 4), dpi=100, layout="constrained")
+        ax_cm, ax_bar, ax_text = fig.subplots(1, 3, width_ratios=[1, 1, 0.9])
         confusion = np.asarray(self.confusion)
         image = ax_cm.imshow(confusion, cmap="Blues")
         for (t, s), count in np.ndenumerate(confusion):
@@ -252,22 +228,72 @@ class SubstitutionReport:
         )
         ax_bar.set_xticks(ticks)
         ax_bar.legend(loc="lower right")
-        fig.suptitle(f"can substitute: {'yes' if self.can_substitute else 'no'}")
+        _draw_checks(ax_text, self.checks, self.cost)
+        failed = [c.name for c in self.checks if not c.passed]
+        fig.suptitle(f"can substitute: {'no (failed: ' + ', '.join(failed) + ')' if failed else 'yes'}")
         return fig
 
 
-def _fmt(value: float | int | None) -> str:
+def _draw_checks(ax: Any, checks: list[Check], cost: dict[str, dict[str, Any]]) -> None:
+    """Every check on its own line, green when it passed and red when it failed, then each model's cost."""
+    ax.set_axis_off()
+    ax.set_title("checks and cost")
+    style = {"transform": ax.transAxes, "va": "top"}
+    for i, c in enumerate(checks):
+        text = (
+            f"{'pass' if c.passed else 'FAIL'}  {c.name} = {_fmt(c.value)}, rule {c.op} {_fmt(c.threshold)}"
+        )
+        ax.text(0.0, 0.95 - 0.12 * i, text, color="tab:green" if c.passed else "tab:red", **style)
+    for i, (model, m) in enumerate(cost.items(), len(checks)):
+        text = f"{model}: {m['params']:,} parameters, {m['bytes'] / 1024:.1f} KiB, {m['latency_ms']:.2f} ms"
+        ax.text(0.0, 0.95 - 0.12 * i, text, color="black", **style)
+
+
+_COST_ROWS = (("parameters", "params"), ("state dict (bytes)", "bytes"), ("latency (ms)", "latency_ms"))
+_LATENCY = "eval mode, no grad, on the report's device; median of 5 calls after 2 warm-up calls"
+
+
+def _fmt(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
-    return str(value) if isinstance(value, int) else f"{value:.4f}"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(r) + " |" for r in rows),
-    ]
+def _section(title: str | None, header: list[str], rows: list[list[Any]]) -> list[str]:
+    """A Markdown table under its ``## title`` (none for None), or "not measured" without rows."""
+    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    table += ["| " + " | ".join(map(_fmt, r)) + " |" for r in rows]
+    return [*(["", f"## {title}"] if title else []), "", *(table if header and rows else ["not measured"])]
+
+
+def model_cost(
+    model: nn.Module, x: Tensor, mask: Tensor | None = None, repeats: int = 5, warmup: int = 2
+) -> dict:
+    """``params`` (parameter count), ``bytes`` (size of ``torch.save(model.state_dict())``) and
+    ``latency_ms`` (median wall time of one forward on ``x``, eval mode and no grad, after ``warmup`` calls;
+    CUDA is synchronised) of ``model``. Its ``training`` flags are restored.
+
+    Example:
+        >>> cost = model_cost(torch.nn.Linear(8, 2), torch.randn(4, 8))
+        >>> cost["params"], cost["latency_ms"] > 0
+        (18, True)
+    """
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    times = []
+    with torch.no_grad(), eval_mode(model):
+        for _ in range(warmup + repeats):
+            sync()
+            start = time.perf_counter()
+            call_model(model, x, mask)
+            sync()
+            times.append(time.perf_counter() - start)
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "bytes": buffer.getbuffer().nbytes,
+        "latency_ms": 1000.0 * statistics.median(times[warmup:]),
+    }
 
 
 class _Accumulator:
@@ -294,11 +320,8 @@ class _Accumulator:
             for m, logits in (("t", t_logits), ("s", s_logits)):
                 self.accuracy[m].update(logits, b.y)
                 self.ece[m].update(logits.softmax(1), b.y)
-        index = (
-            b.index
-            if b.index is not None
-            else torch.arange(offset, offset + len(t_pred), device=t_pred.device)
-        )
+        positions = torch.arange(offset, offset + len(t_pred), device=t_pred.device)
+        index = b.index if b.index is not None else positions
         label = b.y if b.y is not None else torch.full_like(t_pred, -1)
         kl = teacher_student_divergence(s_logits, t_logits)["kl"]
         self.per_sample.append(tuple(t.detach().cpu() for t in (kl, index, t_pred, s_pred, label)))
@@ -306,15 +329,10 @@ class _Accumulator:
     def worst(self, n: int) -> list[WorstSample]:
         kl, index, t_pred, s_pred, label = (torch.cat(c) for c in zip(*self.per_sample))
         top = kl.topk(min(n, len(kl))).indices.tolist()
+        rows = ((index[i], kl[i], t_pred[i], s_pred[i], label[i]) for i in top)
         return [
-            WorstSample(
-                int(index[i]),
-                float(kl[i]),
-                int(t_pred[i]),
-                int(s_pred[i]),
-                int(label[i]) if label[i] >= 0 else None,
-            )
-            for i in top
+            WorstSample(int(i), float(k), int(t), int(s), int(y) if y >= 0 else None)
+            for i, k, t, s, y in rows
         ]
 
 
@@ -327,47 +345,58 @@ def substitution_report(
     device: torch.device | str | None = None,
     max_batches: int | None = None,
     num_worst: int = 5,
-    method_kwargs: dict[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None,
+    *,
+    method_kwargs: Mapping[str, Any] | None = None,
 ) -> SubstitutionReport:
     """Compare ``student`` with ``teacher`` over ``dataloader`` and judge whether it can replace it.
 
-    Both models run in eval mode (their ``training`` flags are restored). Saliency uses captum's
-    ``method`` for the teacher's predicted class (see :mod:`lightning_tsd.callbacks`); ``method=None``
-    skips it and its check. Worst samples are named by the batch's ``index`` when it has one, else by
-    their position in the iteration.
+    Both models run in eval mode (their ``training`` flags are restored). Saliency is
+    :func:`lightning_tsd.attribution.temporal_attribution` with ``method`` for the teacher's predicted
+    class; ``method=None`` skips it and its check. Worst samples are named by the batch's ``index`` when it
+    has one, else by their position in the iteration. ``cost`` is measured with :func:`model_cost` on the
+    first batch (per rank under ``torch.distributed``, like the worst samples).
 
     Args:
         teacher: the reference model, ``(B, C, T) -> (B, K)``.
         student: the candidate, same interface.
         dataloader: batches as :func:`lightning_tsd._batch.unpack_batch` reads them.
-        method: captum method name, or None.
+        method: attribution method name (``"integrated_gradients"``, ``"gradient"``, ...), or None.
         thresholds: :class:`SubstitutionThresholds`, a dict of overrides, or None for the defaults.
         device: where to run; the models are moved there. Default: the teacher's device.
         max_batches: stop after this many batches.
         num_worst: how many largest-KL samples to list.
-        method_kwargs: passed to captum's ``attribute`` (e.g. ``{"n_steps": 16}``).
+        options: the method's options (e.g. ``{"steps": 16}``; ``window``, ``stride`` for occlusion).
+        method_kwargs: deprecated name of ``options``.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8, 2))
         >>> data = [(torch.randn(4, 1, 8), torch.tensor([0, 1, 0, 1]))]
-        >>> report = substitution_report(net, net, data, method="saliency")
-        >>> report.agreement, report.kl, report.can_substitute
-        (1.0, 0.0, True)
+        >>> report = substitution_report(net, net, data, method="gradient")
+        >>> report.agreement, report.kl, report.can_substitute, report.cost["student"]["params"]
+        (1.0, 0.0, True, 18)
     """
     if method is not None:
-        _check_choice("method", method, CAPTUM_METHODS)
+        method, options = check_attribution_options(method, options, method_kwargs)
     thresholds = SubstitutionThresholds.coerce(thresholds)
     device = torch.device(device) if device is not None else next(teacher.parameters()).device
     teacher.to(device)
     student.to(device)
     acc: _Accumulator | None = None
     seen = 0
+    cost: dict[str, dict[str, Any]] = {}  # measured on the first batch
+    pairs: dict[str, nn.Module] = {"teacher": teacher, "student": student}
     for batch in itertools.islice(dataloader, max_batches):
         b = Batch(*(None if t is None else t.to(device) for t in unpack_batch(batch)))
         if method is None:
-            t_logits, s_logits, maps = _logits(teacher, b.x, b.mask), _logits(student, b.x, b.mask), None
+            t_logits, s_logits, maps = (
+                eval_logits(teacher, b.x, b.mask),
+                eval_logits(student, b.x, b.mask),
+                None,
+            )
         else:
-            t_logits, s_logits, *maps = _saliency_pair(teacher, student, b, method, "teacher", method_kwargs)
+            t_logits, s_logits, *maps = saliency_pair(teacher, student, b, method=method, **(options or {}))
+        cost = cost or {name: model_cost(m, b.x, b.mask) for name, m in pairs.items()}
         acc = acc or _Accumulator(t_logits.shape[1], device)
         if maps is not None:
             acc.saliency.update(maps[1], maps[0], b.mask)
@@ -401,6 +430,7 @@ def substitution_report(
         worst=acc.worst(num_worst),
         method=method,
         thresholds=thresholds,
+        cost=cost,
     )
 
 
@@ -415,11 +445,12 @@ class SubstitutionReportCallback(Callback):
 
     Args:
         dirpath: output folder.
-        method, thresholds, max_batches, num_worst, method_kwargs: as in :func:`substitution_report`.
+        method, thresholds, max_batches, num_worst, options: as in :func:`substitution_report`.
+        method_kwargs: deprecated name of ``options``.
 
     Example:
         >>> from lightning.pytorch import Trainer
-        >>> trainer = Trainer(callbacks=[SubstitutionReportCallback(method="saliency")], enable_progress_bar=False)
+        >>> trainer = Trainer(callbacks=[SubstitutionReportCallback(method="gradient")], enable_progress_bar=False)
     """
 
     def __init__(
@@ -429,23 +460,25 @@ class SubstitutionReportCallback(Callback):
         thresholds: SubstitutionThresholds | Mapping[str, float] | None = None,
         max_batches: int | None = None,
         num_worst: int = 5,
-        method_kwargs: dict[str, Any] | None = None,
+        options: Mapping[str, Any] | None = None,
+        *,
+        method_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         if method is not None:
-            _check_choice("method", method, CAPTUM_METHODS)
+            method, options = check_attribution_options(method, options, method_kwargs)
         self.dirpath = Path(dirpath) if dirpath is not None else None
-        self.options = {
+        self.options: dict[str, Any] = {
             "method": method,
             "thresholds": SubstitutionThresholds.coerce(thresholds),
             "max_batches": max_batches,
             "num_worst": num_worst,
-            "method_kwargs": method_kwargs,
+            "options": options,
         }
         self.report: SubstitutionReport | None = None
         self._dir = self.dirpath
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        _teacher_student(pl_module)
+        teacher_student(pl_module)
         if self.dirpath is None:  # trainer.log_dir broadcasts: resolve it on every rank
             self._dir = Path(trainer.log_dir or trainer.default_root_dir)
 
@@ -455,7 +488,7 @@ class SubstitutionReportCallback(Callback):
             loaders = list(loaders.values())
         elif not isinstance(loaders, (list, tuple)):
             loaders = [loaders]
-        teacher, student = _teacher_student(pl_module)
+        teacher, student = teacher_student(pl_module)
         self.report = substitution_report(
             teacher, student, itertools.chain(*loaders), device=pl_module.device, **self.options
         )

@@ -1,23 +1,22 @@
 """Temporal saliency estimators: how much each input timestep matters to a model's prediction.
 
 Every estimator has one signature, ``estimator(model, x, target, mask=..., create_graph=..., **options)``,
-and returns ``(logits, saliency)``: the model's logits on ``x`` (``(B, K)``) and a map ``(B, T)``.
-The logits and the map come from the same forward call, so a student's cross-entropy and its saliency
-share one graph. With ``create_graph=True`` the map is differentiable with respect to the model's
-parameters (double backward); without it, no parameter gradient is ever built.
-
-Inputs are ``(B, C, T)`` tensors (a ``(B, T)`` tensor is univariate); the mask is ``(B, T)`` bool, True on
-real steps, and padded steps get saliency 0.
-
-Kernels without a double backward are avoided inside :func:`saliency_kernels`: fused attention runs on
-the math backend, cuDNN RNNs run on the native implementation, and autocast is off (saliency is fp32).
+and returns ``(logits, saliency)``: the logits on ``x`` (``(B, K)``, from the same forward call as the map,
+so a student's cross-entropy and its saliency share one graph) and a map ``(B, T)``. With
+``create_graph=True`` the map is differentiable in the model's parameters (double backward); without it,
+no parameter gradient is ever built. Inputs are ``(B, C, T)``; the mask is ``(B, T)`` bool, True on real
+steps, and padded steps get saliency 0. Kernels without a double backward are avoided inside
+:func:`saliency_kernels`. Built-in estimators also take ``check_target``: False skips the host-side
+check of a given target's class range (a device sync), for callers that checked it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
-from collections.abc import Callable, Iterator
+import numbers
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -39,14 +38,10 @@ def _register(name: str) -> Callable[[Estimator], Estimator]:
 
 @contextlib.contextmanager
 def saliency_kernels(device: torch.device | str) -> Iterator[None]:
-    """Select kernels that support double backward, for the saliency forward only.
-
-    * scaled-dot-product attention uses the math backend (the CPU flash kernel picked for dropout 0 or
-      eval mode has no double backward);
-    * cuDNN is off, so RNNs run the native implementation (cuDNN RNNs have no double backward, and no
-      backward at all in eval mode);
-    * autocast is off: saliency maps are computed in fp32 (fp16 input gradients underflow, and the inner
-      ``autograd.grad`` is not loss-scaled).
+    """Select kernels that support double backward, for the saliency forward only: attention on the math
+    backend (the CPU flash kernel has no double backward), cuDNN off (cuDNN RNNs have no double backward,
+    nor any backward in eval mode), autocast off (fp16 input gradients underflow and the inner
+    ``autograd.grad`` is not loss-scaled: maps are fp32).
 
     Example:
         >>> with saliency_kernels("cpu"):
@@ -72,14 +67,14 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def _has_train_mode_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
+def _train_mode_batchnorms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
 
 
 @contextlib.contextmanager
 def _batchnorm_eval(model: nn.Module) -> Iterator[None]:
     """Put train-mode BatchNorm layers in eval mode (running statistics, no update) for a while."""
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    layers = _train_mode_batchnorms(model)
     for m in layers:
         m.eval()
     try:
@@ -100,16 +95,18 @@ def _forward_with_perturbations(
     """
     repeats = perturbed.shape[0] // x.shape[0]
     perturbed_mask = None if mask is None else mask.repeat(repeats, 1)
-    if _has_train_mode_batchnorm(model):
+    if _train_mode_batchnorms(model):
         logits = call_model(model, x, mask)
         with _batchnorm_eval(model):
             return logits, call_model(model, perturbed, perturbed_mask)
-    both_mask = None if mask is None else torch.cat([mask, perturbed_mask])
+    both_mask = None if mask is None else torch.cat([mask, mask.repeat(repeats, 1)])
     logits = call_model(model, torch.cat([x, perturbed]), both_mask)
     return logits[: x.shape[0]], logits[x.shape[0] :]
 
 
-def _resolve_target(target: Tensor | int | None, logits: Tensor) -> Tensor:
+def _resolve_target(target: Tensor | int | None, logits: Tensor, check: bool = True) -> Tensor:
+    """``(B,)`` long target; ``None`` is the model's prediction. ``check`` reads the class range on the
+    host (a device sync), skipped for targets the caller has checked."""
     if target is None:
         return logits.detach().argmax(dim=1)
     target = torch.as_tensor(target, device=logits.device)
@@ -117,7 +114,7 @@ def _resolve_target(target: Tensor | int | None, logits: Tensor) -> Tensor:
         target = target.expand(logits.shape[0])
     if target.shape != (logits.shape[0],):
         raise ValueError(f"target must be a class index or a (B,) tensor, got shape {tuple(target.shape)}")
-    if int(target.min()) < 0 or int(target.max()) >= logits.shape[1]:
+    if check and bool(((target < 0) | (target >= logits.shape[1])).any()):
         raise ValueError(f"target classes must lie in [0, {logits.shape[1]}), got {target.tolist()}")
     return target.long()
 
@@ -135,12 +132,12 @@ def _input_gradient(output: Tensor, inputs: Tensor, create_graph: bool) -> Tenso
 
 
 def _logits_and_input_gradient(
-    model: nn.Module, x: Tensor, target: Tensor | None, mask: Tensor | None, create_graph: bool
+    model: nn.Module, x: Tensor, target: Tensor | None, mask: Tensor | None, create_graph: bool, check: bool
 ) -> tuple[Tensor, Tensor]:
     """One forward on ``x``: the logits and ``dz_k / dx`` for the target class."""
     x = x.detach().requires_grad_(True)
     logits = call_model(model, x, mask)
-    target = _resolve_target(target, logits)
+    target = _resolve_target(target, logits, check)
     return logits, _input_gradient(_target_logit(logits, target), x, create_graph)
 
 
@@ -152,9 +149,10 @@ def gradient(
     *,
     mask: Tensor | None = None,
     create_graph: bool = False,
+    check_target: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """``s_t = sum_c |dz_k / dx_{c,t}|`` (captum ``Saliency`` with ``abs=True``, summed over channels)."""
-    logits, grad = _logits_and_input_gradient(model, x, target, mask, create_graph)
+    logits, grad = _logits_and_input_gradient(model, x, target, mask, create_graph, check_target)
     return logits, grad.abs().sum(dim=1)
 
 
@@ -166,10 +164,45 @@ def input_x_gradient(
     *,
     mask: Tensor | None = None,
     create_graph: bool = False,
+    check_target: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """``s_t = sum_c |x_{c,t} * dz_k / dx_{c,t}|`` (captum ``InputXGradient``, abs, summed over channels)."""
-    logits, grad = _logits_and_input_gradient(model, x, target, mask, create_graph)
+    logits, grad = _logits_and_input_gradient(model, x, target, mask, create_graph, check_target)
     return logits, (x.detach() * grad).abs().sum(dim=1)
+
+
+IG_CHUNK_ROWS = 64  # teacher-side IG runs at most max(B, IG_CHUNK_ROWS) interpolant rows per forward
+SAMPLINGS = ("midpoint", "uniform")
+
+
+def _ig_alphas(steps: int, sampling: str, generator: torch.Generator | None, x: Tensor) -> Tensor:
+    """``(steps, B)`` interpolation coefficients: midpoints ``(j - 1/2) / m`` or i.i.d. ``U(0, 1)`` draws."""
+    batch = x.shape[0]
+    if sampling == "midpoint":
+        alphas = (torch.arange(steps, device=x.device, dtype=x.dtype) + 0.5) / steps
+        return alphas.unsqueeze(1).expand(steps, batch)
+    device = x.device if generator is None else generator.device
+    return torch.rand(steps, batch, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+def _ig_mean_gradient_chunked(
+    model: nn.Module, x: Tensor, target: Tensor, mask: Tensor | None, alphas: Tensor, chunk: int
+) -> Tensor:
+    """``mean_j dz_k(a_j x) / dx`` without a graph beyond one chunk of ``chunk`` interpolant rows.
+
+    Row ``r`` of the ``steps * B`` interpolants is sample ``r % B`` at ``alphas.flatten()[r]``; each
+    chunk's input gradient is added into its samples' rows and its graph is freed before the next one.
+    """
+    batch = x.shape[0]
+    flat_alphas = alphas.reshape(-1)
+    total = torch.zeros_like(x)
+    with _batchnorm_eval(model):  # interpolants never enter train-mode BatchNorm statistics
+        for start in range(0, flat_alphas.shape[0], chunk):
+            rows = torch.arange(start, min(start + chunk, flat_alphas.shape[0]), device=x.device) % batch
+            scaled = (flat_alphas[start : start + chunk].view(-1, 1, 1) * x[rows]).requires_grad_(True)
+            logits = call_model(model, scaled, None if mask is None else mask[rows])
+            total.index_add_(0, rows, _input_gradient(_target_logit(logits, target[rows]), scaled, False))
+    return total / alphas.shape[0]
 
 
 @_register("integrated_gradients")
@@ -180,30 +213,46 @@ def integrated_gradients(
     *,
     mask: Tensor | None = None,
     create_graph: bool = False,
+    check_target: bool = True,
     steps: int = 8,
+    sampling: str = "midpoint",
+    generator: torch.Generator | None = None,
+    internal_batch_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Integrated gradients from a zero baseline with ``steps`` midpoint-rule interpolants (captum's
-    ``riemann_middle``): ``s_t = sum_c |x_{c,t} * mean_j dz_k(a_j x) / dx_{c,t}|``, ``a_j = (j - 1/2) / m``.
+    """Integrated gradients from a zero baseline: ``s_t = sum_c |x_{c,t} * mean_j dz_k(a_j x) / dx_{c,t}|``.
 
-    All interpolants go through the model in one batched call together with ``x`` itself.
+    ``sampling="midpoint"``: the midpoint rule ``a_j = (j - 1/2) / m`` for ``j = 1..steps`` (captum's
+    ``riemann_middle``; ``steps=1`` is the single midpoint ``a = 1/2``). ``sampling="uniform"``: per
+    sample, ``steps`` i.i.d. ``a ~ U(0, 1)`` (an unbiased estimate of the path-mean gradient), drawn from
+    ``generator`` (the global RNG when None; a generator on ``x``'s device avoids a host-device copy).
+
+    With ``create_graph=True`` (a student) all interpolants go through the model in one batched call
+    together with ``x`` (every graph must be kept anyway; ``internal_batch_size`` is not used). Without it
+    (a teacher), ``x`` runs under ``no_grad`` and the interpolants run in chunks of at most
+    ``internal_batch_size`` rows per forward (default ``max(B, IG_CHUNK_ROWS)``; unlike captum a chunk may
+    split a step), so peak memory does not grow with ``steps``. Train-mode BatchNorm sees only ``x``.
     """
-    if steps < 1:
-        raise ValueError(f"integrated_gradients needs steps >= 1, got {steps}")
-    alphas = (torch.arange(steps, device=x.device, dtype=x.dtype) + 0.5) / steps
-    scaled = (alphas.view(-1, 1, 1, 1) * x.detach().unsqueeze(0)).flatten(0, 1).requires_grad_(True)
-    logits, scaled_logits = _forward_with_perturbations(model, x.detach(), scaled, mask)
-    target = _resolve_target(target, logits)
+    x = x.detach()
+    alphas = _ig_alphas(steps, sampling, generator, x)  # (steps, B)
+    if not create_graph:
+        with torch.no_grad():
+            logits = call_model(model, x, mask)
+        target = _resolve_target(target, logits, check_target)
+        chunk = internal_batch_size or max(x.shape[0], IG_CHUNK_ROWS)
+        mean_grad = _ig_mean_gradient_chunked(model, x, target, mask, alphas, chunk)
+        return logits, (x * mean_grad).abs().sum(dim=1)
+    scaled = (alphas[:, :, None, None] * x.unsqueeze(0)).flatten(0, 1).requires_grad_(True)
+    logits, scaled_logits = _forward_with_perturbations(model, x, scaled, mask)
+    target = _resolve_target(target, logits, check_target)
     grad = _input_gradient(_target_logit(scaled_logits, target.repeat(steps)), scaled, create_graph)
     mean_grad = grad.view(steps, *x.shape).mean(dim=0)
-    return logits, (x.detach() * mean_grad).abs().sum(dim=1)
+    return logits, (x * mean_grad).abs().sum(dim=1)
 
 
 def _occlusion_windows(length: int, window: int, stride: int, device: torch.device) -> Tensor:
     """``(W, T)`` float matrix: row w is 1 on the steps covered by the w-th window."""
-    if not 1 <= window <= length:
+    if window > length:
         raise ValueError(f"occlusion window must lie in [1, T={length}], got {window}")
-    if stride < 1:
-        raise ValueError(f"occlusion stride must be >= 1, got {stride}")
     # As captum: ceil((T - w) / r) + 1 windows, the last one clipped at T, so every step is covered.
     starts = torch.arange(-(-(length - window) // stride) + 1, device=device) * stride
     steps = torch.arange(length, device=device)
@@ -218,6 +267,7 @@ def occlusion(
     *,
     mask: Tensor | None = None,
     create_graph: bool = False,
+    check_target: bool = True,
     window: int = 8,
     stride: int = 4,
 ) -> tuple[Tensor, Tensor]:
@@ -234,13 +284,70 @@ def occlusion(
     occluded = (x.detach().unsqueeze(0) * keep).flatten(0, 1)  # (W * B, C, T)
     with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
         logits, occluded_logits = _forward_with_perturbations(model, x.detach(), occluded, mask)
-        target = _resolve_target(target, logits)
+        target = _resolve_target(target, logits, check_target)
         drop = _target_logit(logits, target).unsqueeze(0) - _target_logit(
             occluded_logits, target.repeat(cover.shape[0])
         ).view(cover.shape[0], batch)  # (W, B)
         counts = cover.sum(dim=0)
         saliency = (drop.transpose(0, 1) @ cover) / counts.clamp_min(1.0)
     return logits, saliency
+
+
+_CALL_ARGUMENTS = frozenset({"model", "x", "target", "mask", "create_graph", "check_target"})
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= 1
+
+
+# option -> (accepts the value?, what it must be)
+_OPTION_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "steps": (_positive_int, "an integer >= 1"),
+    "window": (_positive_int, "an integer >= 1 (and at most T)"),
+    "stride": (_positive_int, "an integer >= 1"),
+    "internal_batch_size": (lambda v: v is None or _positive_int(v), "None or an integer >= 1"),
+    "sampling": (lambda v: isinstance(v, str) and v in SAMPLINGS, f"one of {list(SAMPLINGS)}"),
+    "generator": (lambda v: v is None or isinstance(v, torch.Generator), "None or a torch.Generator"),
+}
+
+
+@functools.cache
+def _signature(estimator: Estimator) -> tuple[frozenset[str], bool]:
+    """The options an estimator accepts, and whether it takes ``check_target``."""
+    params = set(inspect.signature(estimator).parameters)
+    return frozenset(params - _CALL_ARGUMENTS), "check_target" in params
+
+
+def check_saliency_options(method: str, options: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` unless ``method`` is a known estimator and ``options`` are options it takes,
+    each of the right type and range (``window <= T`` can only be checked with the input).
+
+    Call it once where the options are set (a constructor), then pass ``validated=True`` to
+    :func:`temporal_saliency` on every step.
+
+    Example:
+        >>> check_saliency_options("integrated_gradients", {"steps": 2, "sampling": "uniform"})
+        >>> check_saliency_options("integrated_gradients", {"steps": 0})
+        Traceback (most recent call last):
+        ...
+        ValueError: saliency option steps=0 of method 'integrated_gradients' must be an integer >= 1 ...
+    """
+    if method not in ESTIMATORS:
+        raise ValueError(f"unknown saliency method {method!r}; choose one of {sorted(ESTIMATORS)}")
+    accepted, _ = _signature(ESTIMATORS[method])
+    takes = sorted(accepted) or "no options"
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(
+            f"option(s) {unknown} do not apply to saliency method {method!r}, which takes {takes}"
+        )
+    for name, value in options.items():
+        ok, must = _OPTION_RULES.get(name, (lambda v: True, ""))
+        if not ok(value):
+            raise ValueError(
+                f"saliency option {name}={value!r} of method {method!r} must be {must} "
+                f"(the method takes {takes})"
+            )
 
 
 def temporal_saliency(
@@ -250,6 +357,8 @@ def temporal_saliency(
     method: str = "gradient",
     create_graph: bool = False,
     mask: Tensor | None = None,
+    *,
+    validated: bool = False,
     **options: Any,
 ) -> tuple[Tensor, Tensor]:
     """Temporal saliency of ``model`` on ``x``, with the logits of the same forward.
@@ -261,7 +370,13 @@ def temporal_saliency(
         method: ``"gradient"``, ``"input_x_gradient"``, ``"integrated_gradients"`` or ``"occlusion"``.
         create_graph: keep the graph so the map can be differentiated again (for a student).
         mask: ``(B, T)`` bool, True on real steps; padded steps get saliency 0.
-        **options: ``steps`` (integrated gradients), ``window`` and ``stride`` (occlusion).
+        validated: the caller vouches for what would otherwise be checked on every call (each check
+            that reads a device value is a host sync): ``options`` passed :func:`check_saliency_options`
+            for ``method``; ``x`` is a finite float ``(B, C, T)`` tensor; ``mask`` is None or a ``(B, T)``
+            bool tensor on ``x``'s device with a real step in every row; a tensor ``target`` holds classes
+            in ``[0, K)``. Unchecked bad input then fails later with a less clear error.
+        **options: integrated gradients: ``steps``, ``sampling``, ``generator``, ``internal_batch_size``
+            (see :func:`integrated_gradients`); occlusion: ``window`` and ``stride``.
 
     Returns:
         ``(logits, saliency)``, shapes ``(B, K)`` and ``(B, T)``; saliency is fp32. Without
@@ -276,24 +391,20 @@ def temporal_saliency(
         >>> logits.shape, saliency.shape
         (torch.Size([4, 3]), torch.Size([4, 16]))
     """
-    if method not in ESTIMATORS:
-        raise ValueError(f"unknown saliency method {method!r}; choose one of {sorted(ESTIMATORS)}")
+    if not validated or method not in ESTIMATORS:
+        check_saliency_options(method, options)
+    estimator = ESTIMATORS[method]
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    estimator = ESTIMATORS[method]
-    accepted = set(inspect.signature(estimator).parameters) - {"model", "x", "target", "mask", "create_graph"}
-    if set(options) - accepted:
-        raise ValueError(
-            f"option(s) {sorted(set(options) - accepted)} do not apply to saliency method {method!r}, "
-            f"which takes {sorted(accepted) or 'no options'}"
-        )
+    if _signature(estimator)[1]:
+        options = {**options, "check_target": not validated}
     model = unwrap_compiled(model)
     with torch.inference_mode(False), torch.enable_grad():
-        x = as_bct(x)
+        x = x if validated else as_bct(x)
         if x.is_inference():
             x = x.clone()
             mask = None if mask is None else mask.clone()
-        mask = check_mask(mask, x)
+        mask = mask if validated else check_mask(mask, x)
         if target is not None and isinstance(target, Tensor) and target.is_inference():
             target = target.clone()
         with saliency_kernels(x.device):

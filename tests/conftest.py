@@ -1,6 +1,9 @@
-"""Shared fixtures of the metric, callback and report tests: toy batches and a teacher/student module."""
+"""Shared fixtures: the quiet Trainer factory, and, for the metric, callback and report tests, toy batches and
+a teacher/student module."""
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from tiny_models import TinyCNN
 from torch.utils.data import DataLoader
+from trainers import quiet_trainer as _quiet_trainer
 
 from lightning_tsd._batch import call_model, unpack_batch
 
@@ -60,3 +64,9 @@ def toy_loader():
 def toy_module():
     """Factory: ``toy_module(channels=2, classes=3, seed=0)`` -> a LightningModule with teacher and student."""
     return ToyTeacherStudent
+
+
+@pytest.fixture
+def quiet_trainer(tmp_path):
+    """Factory: ``quiet_trainer(**kwargs)`` -> ``trainers.quiet_trainer(default_root_dir=tmp_path, **kwargs)``."""
+    return functools.partial(_quiet_trainer, default_root_dir=tmp_path)

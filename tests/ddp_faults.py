@@ -106,7 +106,6 @@ def main(out_dir: str, scenario: str) -> None:
             "adam_steps": sorted({float(s["step"]) for s in optimizer["state"].values()}),
             "global_step": trainer.global_step,
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
-            "scale": guard.scale,
             "tsd_weight_scale": model.tsd_weight_scale,
         },
         os.path.join(out_dir, f"{scenario}-rank{rank}.pt"),

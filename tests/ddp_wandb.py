@@ -32,8 +32,8 @@ def main(out_dir: str) -> None:
         enable_model_summary=False,
         logger=WandbLogger(offline=True, save_dir=out_dir, project="tsd-ddp"),
         callbacks=[
-            SaliencyAlignmentMonitor(method="saliency", max_batches=2),
-            SaliencyMapLogger(num_samples=2, method="saliency"),
+            SaliencyAlignmentMonitor(method="gradient", max_batches=2),
+            SaliencyMapLogger(num_samples=2, method="gradient"),
         ],
     )
     trainer.fit(model, DataLoader(data(), batch_size=8), DataLoader(data(), batch_size=8))

@@ -1,5 +1,5 @@
-"""Saliency callbacks in real short fits (CSV, TensorBoard, offline W&B), the shared attribution helper,
-and the saliency figure."""
+"""Saliency callbacks in real short fits (CSV, TensorBoard, offline W&B), the attribution they use, their
+old argument names, and the saliency figure."""
 
 from __future__ import annotations
 
@@ -20,12 +20,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from PIL import Image
 
 from lightning_tsd._batch import call_model, unpack_batch
-from lightning_tsd.callbacks import (
-    CAPTUM_METHODS,
-    SaliencyAlignmentMonitor,
-    SaliencyMapLogger,
-    _saliency_pair,
-)
+from lightning_tsd.attribution import CAPTUM_METHODS, saliency_pair, temporal_attribution
+from lightning_tsd.callbacks import SaliencyAlignmentMonitor, SaliencyMapLogger, _temporal_attribution
 from lightning_tsd.functional import ALIGNMENT_KEYS, saliency_alignment
 from lightning_tsd.plotting import plot_saliency
 
@@ -62,7 +58,13 @@ def _direct_alignment(module, loader, max_batches: int, n_steps: int) -> dict[st
         maps = []
         for model in (student, teacher):
             ig = IntegratedGradients(lambda x, mask, model=model: call_model(model, x, mask))
-            attr = ig.attribute(b.x, target=target, additional_forward_args=(b.mask,), n_steps=n_steps)
+            attr = ig.attribute(
+                b.x,
+                target=target,
+                additional_forward_args=(b.mask,),
+                n_steps=n_steps,
+                method="riemann_middle",
+            )
             maps.append(attr.detach().abs().sum(1) * b.mask)
         values.append(saliency_alignment(*maps, mask=b.mask))
     return {k: torch.cat([v[k] for v in values]).mean().item() for k in ALIGNMENT_KEYS}
@@ -70,7 +72,7 @@ def _direct_alignment(module, loader, max_batches: int, n_steps: int) -> dict[st
 
 def test_monitor_logs_alignment_equal_to_direct_captum(tmp_path, toy_module, toy_loader):
     module = toy_module()
-    monitor = SaliencyAlignmentMonitor(max_batches=2, method_kwargs={"n_steps": 8})
+    monitor = SaliencyAlignmentMonitor(max_batches=2, options={"steps": 8})
     trainer = _trainer(tmp_path, [monitor], max_epochs=2)
     val_loader = toy_loader(seed=1)
     trainer.fit(module, toy_loader(), val_loader)
@@ -86,7 +88,7 @@ def test_monitor_logs_alignment_equal_to_direct_captum(tmp_path, toy_module, toy
 
 
 def test_monitor_every_n_epochs_and_stages(tmp_path, toy_module, toy_loader):
-    monitor = SaliencyAlignmentMonitor(method="saliency", every_n_epochs=2, stages=("validate",))
+    monitor = SaliencyAlignmentMonitor(method="gradient", every_n_epochs=2, stages=("validate",))
     trainer = _trainer(tmp_path, [monitor], logger=CSVLogger(tmp_path), max_epochs=2)
     module = toy_module()
     trainer.fit(module, toy_loader(), toy_loader(seed=1))
@@ -105,12 +107,15 @@ def test_saliency_pair_under_inference_mode(method, toy_module, toy_loader):
     running_mean = student.norm.running_mean.clone()
     with torch.inference_mode():
         b = unpack_batch(next(iter(toy_loader())))
-        pair = _saliency_pair(module.teacher, student, b, method=method, method_kwargs=None)
+        pair = saliency_pair(module.teacher, student, b, method=method)
     assert student.training and not student.norm.training and not module.teacher.training
     assert torch.equal(student.norm.running_mean, running_mean)
     for saliency in (pair.teacher_saliency, pair.student_saliency):
-        assert saliency.shape == b.mask.shape and bool((saliency >= 0).all())
-        assert bool((saliency[~b.mask] == 0).all()) and bool((saliency[b.mask] > 0).any())
+        # gradient maps are absolute values; perturbation maps are signed logit drops
+        assert saliency.shape == b.mask.shape and (
+            method in ("occlusion", "feature_ablation") or saliency.min() >= 0
+        )
+        assert bool((saliency[~b.mask] == 0).all()) and bool((saliency[b.mask] != 0).any())
     with torch.no_grad():
         assert torch.equal(pair.teacher_logits, call_model(module.teacher.eval(), b.x, b.mask))
 
@@ -119,12 +124,31 @@ def test_saliency_pair_label_target_needs_labels(toy_module):
     module = toy_module()
     b = unpack_batch(torch.randn(2, 2, 24))
     with pytest.raises(ValueError, match="needs labels"):
-        _saliency_pair(module.teacher, module.student, b, method="saliency", target="label")
+        saliency_pair(module.teacher, module.student, b, method="gradient", target="label")
+
+
+def test_old_method_and_option_names_still_work_with_a_deprecation_warning(toy_module, toy_loader):
+    with pytest.warns(DeprecationWarning, match="'saliency' is deprecated"):
+        assert SaliencyAlignmentMonitor(method="saliency").method == "gradient"
+    with pytest.warns(DeprecationWarning, match="method_kwargs is deprecated"):
+        logger = SaliencyMapLogger(method="integrated_gradients", method_kwargs={"n_steps": 4})
+    assert logger.options == {"steps": 4}
+    with pytest.warns(DeprecationWarning, match="'n_steps' is deprecated"):
+        assert SaliencyAlignmentMonitor(options={"n_steps": 4}).options == {"steps": 4}
+    b = unpack_batch(next(iter(toy_loader())))
+    teacher = toy_module().teacher
+    target = call_model(teacher, b.x, b.mask).argmax(1)
+    with pytest.warns(DeprecationWarning, match="_temporal_attribution is deprecated"):
+        old = _temporal_attribution(teacher, b.x, target, b.mask, "integrated_gradients", {"n_steps": 4})
+    new = temporal_attribution(teacher, b.x, target, mask=b.mask, method="integrated_gradients", steps=4)
+    assert torch.equal(old, new)
 
 
 def test_callbacks_check_arguments_and_module_protocol():
     with pytest.raises(ValueError, match="method"):
         SaliencyAlignmentMonitor(method="gradcam")
+    with pytest.raises(ValueError, match=r"\['window'\] do not apply to attribution method 'gradient'"):
+        SaliencyMapLogger(method="gradient", options={"window": 4})
     with pytest.raises(ValueError, match="stages"):
         SaliencyAlignmentMonitor(stages=("train",))
     with pytest.raises(ValueError, match="num_samples"):
@@ -160,7 +184,7 @@ def test_map_logger_to_tensorboard(tmp_path, toy_module, toy_loader):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logger = TensorBoardLogger(tmp_path, name="tb")
-    trainer = _trainer(tmp_path, [SaliencyMapLogger(num_samples=2, method="saliency")], logger=logger)
+    trainer = _trainer(tmp_path, [SaliencyMapLogger(num_samples=2, method="gradient")], logger=logger)
     trainer.fit(toy_module(), toy_loader(), toy_loader(seed=1))
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0}).Reload()
     assert sorted(events.Tags()["images"]) == ["saliency_maps/sample_0", "saliency_maps/sample_1"]
@@ -198,8 +222,8 @@ def test_wandb_offline_run_has_images_and_metrics(tmp_path, monkeypatch, toy_mod
     for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path)}.items():
         monkeypatch.setenv(key, value)
     callbacks = [
-        SaliencyAlignmentMonitor(method="saliency"),
-        SaliencyMapLogger(num_samples=2, method="saliency"),
+        SaliencyAlignmentMonitor(method="gradient"),
+        SaliencyMapLogger(num_samples=2, method="gradient"),
     ]
     trainer = _trainer(tmp_path, callbacks, logger=WandbLogger(offline=True, save_dir=tmp_path), max_epochs=2)
     try:

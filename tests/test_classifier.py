@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -11,14 +10,6 @@ from lightning_tsd._batch import InvalidBatchError
 from lightning_tsd.classifier import TimeSeriesClassifier
 from lightning_tsd.data import TimeSeriesDataset, UCRDataModule
 from lightning_tsd.models import GRUClassifier, NarrowFCN
-
-
-def trainer(**kwargs) -> L.Trainer:
-    options = dict(
-        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False,
-    )  # fmt: skip
-    return L.Trainer(**{**options, **kwargs})
 
 
 def easy_problem(n: int = 256, length: int = 32) -> tuple[DataLoader, DataLoader]:
@@ -33,11 +24,11 @@ def easy_problem(n: int = 256, length: int = 32) -> tuple[DataLoader, DataLoader
     return DataLoader(train, batch_size=16, shuffle=True, generator=loader), DataLoader(val, batch_size=32)
 
 
-def test_two_epoch_fit_improves_accuracy():
+def test_two_epoch_fit_improves_accuracy(quiet_trainer):
     torch.manual_seed(0)
     train, val = easy_problem()
     clf = TimeSeriesClassifier(model_name="NarrowFCN", in_channels=1, num_classes=2, lr=1e-2)
-    fit = trainer(max_epochs=2)
+    fit = quiet_trainer(max_epochs=2)
     before = fit.validate(clf, val, verbose=False)[0]["val/acc"]
     fit.fit(clf, train, val)
     assert {"train/loss_step", "train/loss_epoch", "train/acc", "val/loss", "val/acc"} <= set(
@@ -48,14 +39,14 @@ def test_two_epoch_fit_improves_accuracy():
     assert fit.test(clf, val, verbose=False)[0]["test/acc"] == pytest.approx(after)
 
 
-def test_given_model_and_masked_batches_from_the_data_module():
+def test_given_model_and_masked_batches_from_the_data_module(quiet_trainer):
     torch.manual_seed(0)
     dm = UCRDataModule("JapaneseVowels", batch_size=32)
     clf = TimeSeriesClassifier(
         GRUClassifier(dm.in_channels, dm.num_classes, hidden_size=8), num_classes=dm.num_classes
     )
     assert "model" not in clf.hparams
-    fit = trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=2)
+    fit = quiet_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=2)
     fit.fit(clf, datamodule=dm)
     assert torch.isfinite(fit.callback_metrics["val/loss"])
     batch = next(iter(dm.val_dataloader()))
@@ -63,11 +54,11 @@ def test_given_model_and_masked_batches_from_the_data_module():
     torch.testing.assert_close(logits, clf.eval()(batch["x"], mask=batch["mask"]))
 
 
-def test_checkpoint_round_trip_rebuilds_the_model_from_hparams(tmp_path):
+def test_checkpoint_round_trip_rebuilds_the_model_from_hparams(quiet_trainer, tmp_path):
     clf = TimeSeriesClassifier(
         model_name="narrowfcn", in_channels=2, num_classes=3, model_kwargs={"num_filters": 4}
     )
-    fit = trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0)
+    fit = quiet_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0)
     data = TimeSeriesDataset(torch.randn(8, 2, 16), torch.arange(8) % 3)
     fit.fit(clf, DataLoader(data, batch_size=4))
     fit.save_checkpoint(tmp_path / "clf.ckpt")

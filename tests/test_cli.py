@@ -1,5 +1,6 @@
-"""The ``lightning-tsd`` command line: LightningCLI ``fit`` from a bundled config, the config checks,
-``train-teacher`` and ``demo --fast``.
+"""The ``lightning-tsd`` command line: LightningCLI ``fit`` from a bundled config, the config checks (a
+teacher file or a list of them), ``train-teacher`` (one teacher or an ensemble), ``export`` (ONNX, checked
+against onnxruntime) and ``demo --fast``.
 
 The two subprocess tests cost most of the time (each imports Lightning afresh); the rest runs in-process.
 """
@@ -14,17 +15,21 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
+import torch
 
-from lightning_tsd import load_teacher, save_teacher
+from lightning_tsd import TemporalSaliencyDistiller, load_teacher, save_teacher
+from lightning_tsd import cli as cli_module
+from lightning_tsd import demo as demo_module
 from lightning_tsd.cli import (
     ConfigError,
-    DemoRow,
+    build_parser,
     bundled_configs,
     config_path,
+    export_checkpoint,
     main,
-    results_table,
     run_lightning_cli,
 )
+from lightning_tsd.demo import DemoRow, results_table
 from lightning_tsd.models import NarrowFCN
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -65,6 +70,20 @@ def gunpoint_teacher(tmp_path_factory) -> Path:
         ]
     )
     return path
+
+
+@pytest.fixture(scope="module")
+def fitted_checkpoint(gunpoint_teacher, tmp_path_factory) -> Path:
+    """``last.ckpt`` of an in-process ``lightning-tsd fit --config gunpoint`` (1 epoch of 2 batches)."""
+    folder = tmp_path_factory.mktemp("fit")
+    run_lightning_cli(
+        [
+            "fit", "--config", "gunpoint", f"--model.teacher={gunpoint_teacher}", "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={folder}",
+        ]
+    )  # fmt: skip
+    return folder / "gunpoint" / "version_0" / "checkpoints" / "last.ckpt"
 
 
 def test_console_script_is_declared():
@@ -151,7 +170,7 @@ def test_fit_from_bundled_config_in_a_subprocess(gunpoint_teacher, tmp_path):
 
 
 def test_demo_fast_end_to_end(tmp_path):
-    proc = _run(["demo", "--fast", "--output", "out", "--threads", "1"], cwd=tmp_path)
+    proc = _run(["demo", "--fast", "--output", "out", "--threads", "1", "--batch_size", "8"], cwd=tmp_path)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("|")]
     header, _, *rows = lines
     assert [c.strip() for c in header.strip("|").split("|")] == COLUMNS
@@ -176,4 +195,111 @@ def test_demo_fast_end_to_end(tmp_path):
     assert "Substitution report" in (out / "substitution_report.md").read_text()
     for run in ("teacher", "kd", "kd_tsd"):
         assert (out / "logs" / run / "metrics.csv").is_file()
+        assert (
+            "batch_size: 8\n" in (out / "logs" / run / "hparams.yaml").read_text()
+        )  # --batch_size reached it
     assert type(load_teacher(out / "teacher.pt")).__name__ == "InceptionTime"
+
+
+def test_demo_batch_size_flag_parses_and_defaults_to_the_demo_constant():
+    parser = build_parser()
+    assert parser.parse_args(["demo"]).batch_size == demo_module.DEMO_BATCH_SIZE == 16
+    assert parser.parse_args(["demo", "--batch_size", "32"]).batch_size == 32
+    assert parser.parse_args(["demo", "--batch-size=4"]).batch_size == 4
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--batch_size", "many"])
+    with pytest.raises(ConfigError, match="batch size must be an integer >= 1, got 0"):
+        demo_module.run_demo(batch_size=0)
+
+
+def test_moved_demo_names_still_work_from_cli_with_a_deprecation_warning():
+    for name in ("run_demo", "DemoRow", "results_table", "train_teacher", "TEACHER_KWARGS"):
+        with pytest.warns(DeprecationWarning, match=f"lightning_tsd.cli.{name} moved to lightning_tsd.demo"):
+            assert getattr(cli_module, name) is getattr(demo_module, name)
+    assert cli_module.ConfigError is demo_module.ConfigError
+    with pytest.raises(AttributeError, match="no_such_name"):
+        cli_module.no_such_name  # noqa: B018
+
+
+def test_train_teacher_ensemble_writes_one_loadable_file_per_seed(tmp_path, capsys):
+    output = tmp_path / "teachers" / "GunPoint.pt"
+    main(
+        ["train-teacher", "--epochs", "1", "--model", "NarrowFCN", "--ensemble", "2", "--output", str(output)]
+    )
+    files = [tmp_path / "teachers" / "GunPoint_0.pt", tmp_path / "teachers" / "GunPoint_1.pt"]
+    assert sorted(output.parent.glob("*.pt")) == files
+    members = [load_teacher(f) for f in files]
+    assert [type(m).__name__ for m in members] == ["NarrowFCN", "NarrowFCN"]
+    weights = [m.state_dict() for m in members]
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # seeds 0 and 1
+    printed = capsys.readouterr().out
+    assert f"--model.teacher '[{files[0]}, {files[1]}]'" in printed
+    for i in range(2):
+        assert (output.parent / "logs" / f"teacher_GunPoint_{i}" / "metrics.csv").is_file()
+    with pytest.raises(SystemExit, match="--ensemble needs a number of teachers >= 1, got 0"):
+        main(["train-teacher", "--ensemble", "0", "--output", str(output)])
+
+
+def test_config_accepts_a_list_of_teacher_files(tmp_path):
+    files = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        files.append(tmp_path / f"teacher_{seed}.pt")
+        save_teacher(NarrowFCN(1, 2), files[-1])
+    logs = f"--trainer.logger.init_args.save_dir={tmp_path}"
+    cli = run_lightning_cli(
+        ["--config", "gunpoint", f"--model.teacher=[{files[0]}, {files[1]}]", logs], run=False
+    )
+    x = torch.randn(3, 1, 150)
+    members = [load_teacher(f).eval() for f in files]
+    with torch.no_grad():  # the ensemble predicts the mean of its members' probabilities
+        expected = torch.stack([m(x).softmax(-1) for m in members]).mean(0)
+        assert torch.allclose(cli.model.teacher(x).softmax(-1), expected, atol=1e-6)
+    missing = tmp_path / "missing.pt"
+    with pytest.raises(ConfigError, match=f"teacher file not found: {missing}"):
+        run_lightning_cli(
+            ["--config", "gunpoint", f"--model.teacher=[{files[0]}, {missing}]", logs], run=False
+        )
+    save_teacher(NarrowFCN(6, 4), tmp_path / "basicmotions.pt")
+    with pytest.raises(ConfigError, match="teacher has in_channels=6 but GunPoint has 1"):
+        ensemble = f"--model.teacher=[{files[0]}, {tmp_path / 'basicmotions.pt'}]"
+        run_lightning_cli(["--config", "gunpoint", ensemble, logs], run=False)
+
+
+def test_export_writes_an_onnx_student_that_onnxruntime_runs_at_any_batch_size(fitted_checkpoint, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    output = tmp_path / "student.onnx"
+    main(["export", "--ckpt_path", str(fitted_checkpoint), "--output", str(output)])
+    student = TemporalSaliencyDistiller.load_from_checkpoint(
+        fitted_checkpoint, weights_only=True
+    ).student.eval()
+    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    (feed,) = session.get_inputs()
+    assert feed.shape[1:] == [1, 150]  # GunPoint's shape, read from the checkpoint's data module
+    x = torch.randn(5, 1, 150)  # the example had 2 series
+    (logits,) = session.run(None, {feed.name: x.numpy()})
+    with torch.no_grad():
+        expected = student(x).numpy()
+    assert logits.shape == (5, 2)
+    assert abs(logits - expected).max() <= 1e-4
+
+
+def test_export_reads_the_shape_from_flags_and_says_what_is_missing(
+    fitted_checkpoint, gunpoint_teacher, tmp_path
+):
+    ort = pytest.importorskip("onnxruntime")
+    payload = torch.load(fitted_checkpoint, weights_only=True)
+    del payload["datamodule_hyper_parameters"]  # e.g. a fit from Python with plain dataloaders
+    payload["hyper_parameters"]["teacher"] = str(tmp_path / "moved.pt")  # its teacher file is not at hand
+    ckpt = tmp_path / "bare.ckpt"
+    torch.save(payload, ckpt)
+    with pytest.raises(ConfigError, match="pass --channels C --length T"):
+        export_checkpoint(ckpt, tmp_path / "a.onnx")
+    with pytest.raises(ConfigError, match="moved.pt.*pass --teacher PATH"):
+        export_checkpoint(ckpt, tmp_path / "a.onnx", channels=1, length=150)
+    path = export_checkpoint(ckpt, tmp_path / "a.onnx", channels=1, length=150, teacher=str(gunpoint_teacher))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[1:] == [1, 150]
+    with pytest.raises(SystemExit, match="lightning-tsd: error: .*not a Lightning checkpoint"):
+        torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+        main(["export", "--ckpt_path", str(tmp_path / "other.pt")])

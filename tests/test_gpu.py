@@ -76,3 +76,44 @@ def test_fp16_saliency_matches_fp32_saliency_under_autocast():
         _, mixed = temporal_saliency(model, x, method="input_x_gradient")
     assert mixed.dtype == torch.float32
     torch.testing.assert_close(mixed, reference)
+
+
+def test_steady_state_step_makes_at_most_one_device_sync():
+    """The lean step on a real device: CUDA's sync debug mode warns on every synchronising call."""
+    import warnings
+
+    from lightning_tsd import TeacherCache
+
+    class SyncsPerStep(pl.Callback):
+        def __init__(self):
+            self.per_step = []
+
+        def setup(self, trainer, module, stage):
+            step = module.training_step
+
+            def counted(*args, **kwargs):
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    torch.cuda.set_sync_debug_mode("warn")
+                    try:
+                        out = step(*args, **kwargs)
+                    finally:
+                        torch.cuda.set_sync_debug_mode("default")
+                self.per_step.append([str(w.message) for w in caught if "synchroniz" in str(w.message)])
+                return out
+
+            module.training_step = counted
+
+    torch.manual_seed(0)
+    probe = SyncsPerStep()
+    cache = TeacherCache(device="cuda")  # on the device: the lookup needs no copy
+    model = TemporalSaliencyDistiller(
+        TinyCNN(1, 3).eval(), TinyCNN(1, 3, width=4), saliency="gradient", tsd_weight=1.0, teacher_cache=cache
+    )
+    trainer = pl.Trainer(
+        accelerator="gpu", devices=1, max_epochs=3, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[probe],
+    )  # fmt: skip
+    trainer.fit(model, DataLoader(_data(), batch_size=8))
+    steady = probe.per_step[8:]  # epoch 3: the cache is complete after an epoch served from it
+    assert steady and all(len(syncs) <= 1 for syncs in steady), steady

@@ -26,7 +26,8 @@ def test_kd_loss_hand_computed():
     p = torch.softmax(teacher / tau, 1)
     expected_tau = tau**2 * float((p * (p.log() - math.log(0.5))).sum())
     assert float(kd_loss(student.repeat(2, 1), teacher.repeat(2, 1), tau)) == pytest.approx(
-        expected_tau, rel=1e-6
+        expected_tau,
+        rel=1e-5,  # float32 logs: ~1e-6 relative
     )
 
 

@@ -4,7 +4,9 @@ and the callback after ``trainer.test``."""
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +38,7 @@ def models(toy_module):
 
 @pytest.fixture
 def report(models, toy_loader) -> SubstitutionReport:
-    return substitution_report(*models, toy_loader(n=20, seed=5), method="saliency", num_worst=3)
+    return substitution_report(*models, toy_loader(n=20, seed=5), method="gradient", num_worst=3)
 
 
 def _expected(teacher, student, loader) -> dict:
@@ -126,7 +128,7 @@ def test_thresholds_passed_to_the_report(models, toy_loader):
     )
     assert report.can_substitute and report.saliency == {}
     assert [c.name for c in report.checks] == ["agreement", "accuracy_drop"]
-    same = substitution_report(models[0], models[0], loader, method="saliency")
+    same = substitution_report(models[0], models[0], loader, method="gradient")
     assert same.agreement == 1.0 and same.kl == 0.0 and same.saliency["spearman"] == pytest.approx(1.0)
     assert same.can_substitute
 
@@ -162,12 +164,52 @@ def test_markdown_dict_and_figure(report, tmp_path):
     report.figure().savefig(tmp_path / "report.png")
     with Image.open(tmp_path / "report.png") as image:
         pixels = np.asarray(image.convert("RGB"), dtype=float)
-    assert pixels.shape == (400, 1000, 3) and pixels.std() > 10
+    assert pixels.shape == (400, 1400, 3) and pixels.std() > 10
+    assert "## Cost" in markdown and f"| parameters | {report.cost['teacher']['params']} |" in markdown
+    assert data["cost"] == report.cost
+
+
+def test_cost_counts_parameters_serialized_bytes_and_latency(report, models):
+    assert set(report.cost) == {"teacher", "student"}
+    for name, model in zip(("teacher", "student"), models):
+        cost = report.cost[name]
+        assert cost["params"] == sum(p.numel() for p in model.parameters())
+        buffer = io.BytesIO()
+        torch.save(model.state_dict(), buffer)
+        assert cost["bytes"] == len(buffer.getvalue()) > 0
+        assert math.isfinite(cost["latency_ms"]) and cost["latency_ms"] > 0
+    assert report.cost["teacher"]["params"] > report.cost["student"]["params"]  # widths 6 and 4
+
+
+def test_figure_lists_every_check_and_marks_the_failed_one(report):
+    judged = report.with_thresholds({"min_agreement": 0.0, "max_accuracy_drop": 1.0, "min_spearman": 1.01})
+    assert [c.passed for c in judged.checks] == [True, True, False]
+    fig = judged.figure()
+    texts = [t for t in fig.texts] + [t for ax in fig.axes for t in ax.texts]
+    failed = [t for t in texts if "saliency_spearman" in t.get_text() and "FAIL" in t.get_text()]
+    assert len(failed) == 1 and failed[0].get_color() == "tab:red"
+    for name in ("agreement", "accuracy_drop"):
+        (passed,) = [t for t in texts if t.get_text().startswith(f"pass  {name} ")]
+        assert passed.get_color() == "tab:green"
+    assert fig.get_suptitle() == "can substitute: no (failed: saliency_spearman)"
+    assert any(t.get_text().startswith("student: ") and "parameters" in t.get_text() for t in texts)
+
+
+def test_old_option_names_of_the_report_still_work(models, toy_loader):
+    loader = toy_loader(n=8, seed=5)
+    with pytest.warns(DeprecationWarning):
+        old = substitution_report(
+            *models, loader, method="integrated_gradients", method_kwargs={"n_steps": 4}
+        )
+    new = substitution_report(*models, loader, method="integrated_gradients", options={"steps": 4})
+    assert old.saliency == new.saliency and old.method == "integrated_gradients"
+    with pytest.warns(DeprecationWarning, match="'saliency' is deprecated"):
+        assert SubstitutionReportCallback(method="saliency").options["method"] == "gradient"
 
 
 def test_callback_writes_report_after_test(tmp_path, toy_module, toy_loader):
     module = toy_module(seed=3)
-    callback = SubstitutionReportCallback(method="saliency", num_worst=3)
+    callback = SubstitutionReportCallback(method="gradient", num_worst=3)
     trainer = Trainer(
         accelerator="cpu",
         logger=CSVLogger(tmp_path),
@@ -178,7 +220,7 @@ def test_callback_writes_report_after_test(tmp_path, toy_module, toy_loader):
     loader = toy_loader(n=20, seed=5)
     trainer.test(module, loader, verbose=False)
 
-    direct = substitution_report(module.teacher, module.student, loader, method="saliency", num_worst=3)
+    direct = substitution_report(module.teacher, module.student, loader, method="gradient", num_worst=3)
     assert callback.report.agreement == direct.agreement and callback.report.confusion == direct.confusion
     assert callback.report.saliency == pytest.approx(direct.saliency, abs=1e-6)
     out = Path(trainer.log_dir)

@@ -63,8 +63,9 @@ def test_a_drop_beyond_the_tolerance_halves_the_weight_for_the_next_epoch():
     assert weights == [2.0, 2.0, 2.0, 1.0, 1.0, 1.0]  # a cut applies from the next epoch on
     # a fall within the tolerance is not a drop
     guard = ReduceTSDWeightOnAgreementDrop(monitor="val/scripted", factor=0.5, tolerance=0.1)
-    fit(scripted(script), guard, len(script))
-    assert guard.scale == 1.0
+    model = scripted(script)
+    fit(model, guard, len(script))
+    assert model.tsd_weight_scale == 1.0 and [h[2] for h in guard.history] == [1.0] * len(script)
 
 
 def test_patience_and_min_scale_switch_the_term_off(monkeypatch):
@@ -91,8 +92,15 @@ def test_scale_survives_checkpoint_and_resume(tmp_path):
     script = [0.9, 0.7, 0.7, 0.7]
     guard = ReduceTSDWeightOnAgreementDrop(monitor="val/scripted", factor=0.5, tolerance=0.05)
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    fit(scripted(script), guard, 2, enable_checkpointing=True, callbacks=[guard, ckpt])
-    assert guard.scale == 0.5
+    model = scripted(script)
+    fit(model, guard, 2, enable_checkpointing=True, callbacks=[guard, ckpt])
+    assert model.tsd_weight_scale == 0.5
+    with pytest.warns(DeprecationWarning, match="tsd_weight_scale"):
+        assert guard.scale == 0.5  # the old attribute, now read from the history
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    # the module owns the scale; the callback saves only its schedule
+    assert checkpoint["tsd_weight_scale"] == 0.5
+    assert set(checkpoint["callbacks"][guard.state_key]) == {"best", "wait", "history"}
 
     fresh = ReduceTSDWeightOnAgreementDrop(monitor="val/scripted", factor=0.5, tolerance=0.05)
     probe = WeightProbe()
@@ -101,6 +109,25 @@ def test_scale_survives_checkpoint_and_resume(tmp_path):
     t.fit(resumed, loader(make_data()), loader(make_data()), ckpt_path=str(tmp_path / "last.ckpt"))
     assert probe.weights == [1.0, 1.0]  # epochs 2 and 3 train with the restored scale
     assert fresh.best == pytest.approx(0.7) and [h[2] for h in fresh.history] == [1.0, 0.5, 0.5, 0.5]
+    assert resumed.tsd_weight_scale == 0.5
+
+
+def test_an_old_checkpoint_whose_callback_state_holds_a_scale_resumes_with_the_modules_scale(tmp_path):
+    script = [0.9, 0.7, 0.7]
+    guard = ReduceTSDWeightOnAgreementDrop(monitor="val/scripted", factor=0.5, tolerance=0.05)
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fit(scripted(script), guard, 2, enable_checkpointing=True, callbacks=[guard, ckpt])
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    checkpoint["callbacks"][guard.state_key]["scale"] = 0.125  # what the callback used to save
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+
+    fresh = ReduceTSDWeightOnAgreementDrop(monitor="val/scripted", factor=0.5, tolerance=0.05)
+    probe = WeightProbe()
+    resumed = scripted(script)
+    t = trainer(max_epochs=3, callbacks=[fresh, probe], limit_train_batches=1)
+    t.fit(resumed, loader(make_data()), loader(make_data()), ckpt_path=str(tmp_path / "old.ckpt"))
+    assert probe.weights == [1.0]  # 2.0 * the module's 0.5; the stale 0.125 is ignored
+    assert fresh.wait == 0 and [h[2] for h in fresh.history] == [1.0, 0.5, 0.5]
 
 
 def test_train_agreement_is_the_agreement_of_the_epochs_training_batches_and_can_be_monitored():
@@ -113,7 +140,7 @@ def test_train_agreement_is_the_agreement_of_the_epochs_training_batches_and_can
     with torch.no_grad():
         expected = teacher_agreement(model.student.train()(x), model.teacher(x)).float().mean()
     assert float(t.callback_metrics["train/agreement"]) == pytest.approx(float(expected), abs=1e-6)
-    assert [h[0] for h in guard.history] == [0, 1] and guard.scale == 1.0  # constant agreement: no cut
+    assert [h[0] for h in guard.history] == [0, 1] and model.tsd_weight_scale == 1.0  # constant: no cut
 
 
 def test_arguments_missing_metric_and_module_protocol_are_checked():
@@ -174,6 +201,11 @@ def test_the_weight_scale_is_kept_in_checkpoints_and_the_guard_starts_fresh_each
         tmp_path / "last.ckpt", weights_only=True, script=script
     )
     assert restored.tsd_weight_scale == 0.5 and restored.current_tsd_weight() == 1.0
-    # the same guard object in a new fit (e.g. the next cross-validation fold) starts from scale 1
-    _, weights = fit(scripted([0.9, 0.9]), guard, 2)
-    assert weights == [2.0, 2.0] and guard.scale == 1.0 and len(guard.history) == 2
+    # the same guard object in a new fit (e.g. the next cross-validation fold) starts a fresh schedule, and a
+    # fresh module starts from scale 1
+    fold = scripted([0.9, 0.9])
+    _, weights = fit(fold, guard, 2)
+    assert (
+        weights == [2.0, 2.0] and fold.tsd_weight_scale == 1.0 and guard.history[0][1] == pytest.approx(0.9)
+    )
+    assert len(guard.history) == 2 and guard.best == pytest.approx(0.9)

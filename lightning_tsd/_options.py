@@ -1,0 +1,102 @@
+"""The distiller's option checks and its optimizer and scheduler factories (plain torch).
+
+Every option is checked when the distiller is built, so a typo in a config fails before the fit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+from lightning_tsd.gradients import TSD_GRADIENTS
+from lightning_tsd.losses import BASE_LOSSES
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+}
+SCHEDULERS = ("cosine", "onecycle")
+
+
+def check_options(base_loss: Any, optimizer: Any, hparams: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first of the distiller's options that is out of its range.
+
+    Example:
+        >>> options = {"tsd_weight": -1.0, "tsd_warmup": 0.0, "tsd_start": 0.0, "tsd_every_n_steps": 1,
+        ...            "tsd_gradient": "sum", "scheduler": None}
+        >>> check_options("kd", "adam", options)
+        Traceback (most recent call last):
+        ...
+        ValueError: tsd_weight must be a finite number >= 0, got -1.0
+    """
+    tsd_weight, tsd_warmup, tsd_start = hparams["tsd_weight"], hparams["tsd_warmup"], hparams["tsd_start"]
+    tsd_every_n_steps, tsd_gradient = hparams["tsd_every_n_steps"], hparams["tsd_gradient"]
+    scheduler = hparams["scheduler"]
+    if not (callable(base_loss) or base_loss in BASE_LOSSES):
+        raise ValueError(
+            f"unknown base_loss {base_loss!r}; choose one of {list(BASE_LOSSES)} or pass a callable"
+        )
+    if tsd_weight < 0 or not math.isfinite(tsd_weight):
+        raise ValueError(f"tsd_weight must be a finite number >= 0, got {tsd_weight}")
+    if not 0.0 <= tsd_warmup < 1.0:
+        raise ValueError(f"tsd_warmup is a fraction of the fit in [0, 1), got {tsd_warmup}")
+    if not 0.0 <= tsd_start < 1.0:
+        raise ValueError(f"tsd_start is a fraction of the fit in [0, 1), got {tsd_start}")
+    if tsd_every_n_steps < 1:
+        raise ValueError(f"tsd_every_n_steps must be >= 1, got {tsd_every_n_steps}")
+    if tsd_gradient not in TSD_GRADIENTS:
+        raise ValueError(f"tsd_gradient must be one of {list(TSD_GRADIENTS)}, got {tsd_gradient!r}")
+    if not (callable(optimizer) or optimizer in OPTIMIZERS):
+        raise ValueError(
+            f"unknown optimizer {optimizer!r}; choose one of {list(OPTIMIZERS)} or pass a callable"
+        )
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; choose None or one of {list(SCHEDULERS)}")
+
+
+def build_optimizer(
+    params: Iterable[torch.Tensor],
+    optimizer: str | Callable[..., torch.optim.Optimizer],
+    lr: float,
+    weight_decay: float,
+) -> torch.optim.Optimizer:
+    """The optimizer by name (``lr``, ``weight_decay``), or ``optimizer(params)`` for a callable."""
+    if callable(optimizer):
+        return optimizer(params)
+    return OPTIMIZERS[optimizer](params, lr=lr, weight_decay=weight_decay)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, scheduler: str, lr: float, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Cosine annealing over the fit, or one-cycle, stepped every optimizer step."""
+    total = max(1, int(total_steps))
+    if scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total)
+
+
+def tsd_weight_at(
+    step: int, total_steps: float | None, weight: float, start: float, warmup: float, every_n_steps: int
+) -> float:
+    """``w_tsd`` at optimizer step ``step`` of ``total_steps``: 0 off the ``every_n_steps`` grid and before
+    ``start * total_steps``, then ramped linearly over ``warmup * total_steps`` steps.
+
+    Example:
+        >>> [tsd_weight_at(s, 10, 1.0, start=0.2, warmup=0.4, every_n_steps=1) for s in range(0, 10, 2)]
+        [0.0, 0.0, 0.5, 1.0, 1.0]
+    """
+    if weight == 0 or step % every_n_steps:
+        return 0.0
+    if total_steps is None or not (warmup > 0 or start > 0):
+        return weight
+    begin = int(start * total_steps)
+    if step < begin:
+        return 0.0
+    if warmup <= 0:
+        return weight
+    return weight * min(1.0, (step - begin) / max(1, int(warmup * total_steps)))

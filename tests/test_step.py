@@ -1,0 +1,371 @@
+"""The training step's parts: the teacher source, the bad-batch guard, gradient surgery, the TSD options,
+the class count read from outputs, host syncs per step, damaged checkpoints, the Lightning seams."""
+
+from __future__ import annotations
+
+import contextlib
+import types
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from tiny_models import TinyCNN
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_tsd import (
+    CorruptCheckpointError,
+    TeacherCache,
+    TemporalSaliencyDistiller,
+    TemporalSaliencyLoss,
+    _compat,
+)
+from lightning_tsd._batch import unpack_batch
+from lightning_tsd.gradients import combine_gradients, surrogate_loss
+from lightning_tsd.guard import BadBatchGuard
+from lightning_tsd.losses import saliency_alignment_loss, smooth_saliency
+from lightning_tsd.saliency import temporal_saliency
+from lightning_tsd.teacher import TeacherSource
+
+
+def data(n=24, length=16, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, length, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return [{"x": x[i], "y": y[i], "index": torch.tensor(i)} for i in range(n)]
+
+
+def quiet(**kwargs) -> pl.Trainer:
+    options = dict(
+        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )  # fmt: skip
+    return pl.Trainer(**{**options, **kwargs})
+
+
+def distiller(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    kwargs.setdefault("saliency", "gradient")
+    return TemporalSaliencyDistiller(TinyCNN(1, 3).eval(), TinyCNN(1, 3, width=4), **kwargs)
+
+
+# ----------------------------------------------------------------------------- gradient surgery
+@pytest.mark.parametrize("seed", range(5))
+def test_projected_gradient_never_opposes_the_base_gradient(seed):
+    g = torch.Generator().manual_seed(seed)
+    base = [
+        torch.randn(5, generator=g, dtype=torch.float64),
+        torch.randn(3, 2, generator=g, dtype=torch.float64),
+    ]
+    noise = [
+        torch.randn(5, generator=g, dtype=torch.float64),
+        torch.randn(3, 2, generator=g, dtype=torch.float64),
+    ]
+    tsd = [-3 * base[0] + noise[0], noise[1]]  # mostly conflicting
+    flat = lambda gs: torch.cat([t.flatten() for t in gs])  # noqa: E731
+    assert torch.dot(flat(base), flat(tsd)) < 0
+    for weight in (0.5, 2.0, 10.0):
+        combined = combine_gradients(base, tsd, weight, "project")
+        tsd_part = flat(combined) - flat(base)
+        assert torch.dot(tsd_part, flat(base)) >= -1e-9  # the TSD part alone has no conflicting component
+        assert torch.dot(flat(combined), flat(base)) > 0
+    aligned = [b * 2 for b in base]  # no conflict: nothing is removed
+    assert torch.allclose(flat(combine_gradients(base, aligned, 1.0, "project")), flat(base) * 3)
+
+
+def test_balanced_gradient_has_the_requested_norm_ratio():
+    base, tsd = [torch.tensor([3.0, 4.0])], [torch.tensor([100.0, 0.0])]
+    combined = combine_gradients(base, tsd, 0.3, "balance")
+    assert torch.allclose(combined[0] - base[0], torch.tensor([1.5, 0.0]))  # 0.3 * ||g_base|| = 1.5
+
+
+def test_distiller_step_applies_the_projected_gradient():
+    batch = next(iter(DataLoader(data(), batch_size=8)))
+    grads = {}
+    for mode in ("sum", "project"):
+        model = distiller(tsd_weight=4.0, tsd_gradient=mode, student_train_mode=False)
+        loss = model.training_step(batch, 0)
+        loss.backward()
+        grads[mode] = [p.grad.clone() for p in model.student.parameters()]
+    # the same separate gradients, combined by hand
+    model = distiller(tsd_weight=4.0, student_train_mode=False)
+    b = unpack_batch(batch)
+    teacher = model.source.live(b.x, b.y)
+    out = model.tsd(model.teacher, model.student, b.x, b.y, None, (teacher.logits, teacher.saliency))
+    base = torch.nn.functional.cross_entropy(out.student_logits, b.y) + model.base_loss_value(
+        out.student_logits, teacher.logits, b.y
+    )
+    params = list(model.student.parameters())
+    g_base = torch.autograd.grad(base, params, retain_graph=True)
+    g_tsd = torch.autograd.grad(out.loss, params, allow_unused=True)  # the head's bias shifts no saliency
+    g_tsd = [torch.zeros_like(p) if g is None else g for g, p in zip(g_tsd, params, strict=True)]
+    for got, want in zip(grads["project"], combine_gradients(g_base, g_tsd, 4.0, "project"), strict=True):
+        assert torch.allclose(got, want, atol=1e-6)
+    for got, b_, t in zip(grads["sum"], g_base, g_tsd, strict=True):
+        assert torch.allclose(got, b_ + 4.0 * t, atol=1e-6)
+
+
+def test_surrogate_loss_keeps_the_value():
+    p = torch.randn(3, requires_grad=True)
+    s = surrogate_loss(torch.tensor(2.5), [p], [torch.ones(3)])
+    assert float(s.detach()) == 2.5
+
+
+# ----------------------------------------------------------------------------- TSD options
+def test_smoothing_is_a_masked_moving_average():
+    s = torch.tensor([[0.0, 3.0, 0.0, 6.0, 9.0]])
+    mask = torch.tensor([[True, True, True, True, False]])
+    out = smooth_saliency(s, 3, mask)
+    assert torch.allclose(out, torch.tensor([[1.5, 1.0, 3.0, 3.0, 0.0]]))  # the padded 9 never counts
+    noisy = torch.tensor([[0.0, 5.0, 0.0, 5.0, 0.0, 5.0]])
+    flat = torch.full((1, 6), 2.5)
+    assert (
+        float(saliency_alignment_loss(noisy, flat + torch.arange(6.0) * 1e-3, "pearson", smoothing=1)) > 0.5
+    )
+    # a spiky map and its trend agree once both are smoothed over the spikes' period
+    assert float(saliency_alignment_loss(noisy, flat + torch.arange(6.0), "pearson", smoothing=2)) < float(
+        saliency_alignment_loss(noisy, flat + torch.arange(6.0), "pearson", smoothing=1)
+    )
+
+
+def test_distribution_target_aligns_every_class_weighted_by_the_teacher():
+    torch.manual_seed(0)
+    teacher, student = TinyCNN(1, 3).eval(), TinyCNN(1, 3, width=4).eval()
+    x = torch.randn(4, 1, 12)
+    out = TemporalSaliencyLoss("gradient", "pearson", saliency_target="distribution")(teacher, student, x)
+    assert out.teacher_saliency.shape == out.student_saliency.shape == (4, 3, 12)
+    probs = torch.softmax(out.teacher_logits, 1)
+    expected = 0.0
+    for k in range(3):
+        _, t_map = temporal_saliency(teacher, x, k, method="gradient")
+        _, s_map = temporal_saliency(student, x, k, method="gradient")
+        assert torch.allclose(out.teacher_saliency[:, k], t_map, atol=1e-6)
+        per_sample = saliency_alignment_loss(s_map, t_map, "pearson", reduction="none")
+        expected = expected + probs[:, k] * per_sample
+    assert torch.allclose(out.loss, expected.mean(), atol=1e-6)
+    out.loss.backward()
+    assert student.conv.weight.grad.abs().sum() > 0
+
+
+def test_distribution_target_trains_with_the_cache():
+    model = distiller(tsd_weight=1.0, saliency_target="distribution", teacher_cache=True)
+    quiet(max_epochs=2).fit(model, DataLoader(data(), batch_size=8))
+    assert (
+        len(model.teacher_cache) == 24 and model.teacher_cache.saliency.shape[1] == 3 * 16
+    )  # K maps per row
+
+
+def test_tsd_start_keeps_tsd_off_for_the_first_part_of_the_fit():
+    weights = []
+
+    class Probe(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            weights.append(module.current_tsd_weight())
+
+    model = distiller(tsd_weight=1.0, tsd_start=0.5)
+    quiet(max_steps=6, callbacks=[Probe()]).fit(model, DataLoader(data(), batch_size=4))
+    assert weights == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="tsd_start"):
+        distiller(tsd_start=1.0)
+    with pytest.raises(ValueError, match="tsd_gradient"):
+        distiller(tsd_gradient="pcgrad")
+
+
+def test_estimator_options_are_checked_at_construction():
+    with pytest.raises(ValueError, match="steps"):
+        distiller(saliency="gradient", saliency_options={"steps": 4})
+    with pytest.raises(ValueError, match="stpes"):
+        TeacherSource(TinyCNN(), "integrated_gradients", {"stpes": 4})
+
+
+# ----------------------------------------------------------------------------- class count
+class HeadFirstTransformer(nn.Module):
+    """Declares its head before its encoder: the last declared Linear is the feed-forward layer (16)."""
+
+    def __init__(self, channels=1, classes=3, d=8):
+        super().__init__()
+        self.inp = nn.Linear(channels, d)
+        self.head = nn.Linear(d, classes)
+        layer = nn.TransformerEncoderLayer(d, 2, 16, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+
+    def forward(self, x):
+        return self.head(self.enc(self.inp(x.transpose(1, 2))).mean(1))
+
+
+@pytest.mark.parametrize("role", ["teacher", "student"])
+def test_class_count_comes_from_outputs_not_declaration_order(role):
+    torch.manual_seed(0)
+    models = {"teacher": TinyCNN(1, 3).eval(), "student": TinyCNN(1, 3, width=4)}
+    models[role] = HeadFirstTransformer()
+    model = TemporalSaliencyDistiller(
+        **models, saliency="integrated_gradients", saliency_options={"steps": 2}
+    )
+    quiet(max_steps=2).fit(model, DataLoader(data(), batch_size=8))
+    assert model.num_classes == 3
+
+
+def test_class_count_mismatch_is_refused_on_the_first_batch():
+    model = TemporalSaliencyDistiller(TinyCNN(1, 3).eval(), HeadFirstTransformer(classes=5))
+    before = [p.clone() for p in model.student.parameters()]
+    with pytest.raises(ValueError, match="teacher 3, student 5"):
+        quiet(max_steps=1).fit(model, DataLoader(data(), batch_size=8))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.student.parameters(), strict=True))
+
+
+# ----------------------------------------------------------------------------- host syncs
+@contextlib.contextmanager
+def count_syncs():
+    """Count the Tensor methods that read a value back to the host."""
+    calls = []
+    names = ("item", "__bool__", "tolist", "__int__", "__float__")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+
+    def counting(name):
+        def wrapper(self, *args, **kwargs):
+            calls.append(name)
+            return saved[name](self, *args, **kwargs)
+
+        return wrapper
+
+    for name in names:
+        setattr(torch.Tensor, name, counting(name))
+    try:
+        yield calls
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
+class StepSyncs(pl.Callback):
+    """Host reads made inside each training_step (the module's own code), per global step."""
+
+    def __init__(self):
+        self.per_step = []
+
+    def setup(self, trainer, module, stage):
+        step = module.training_step
+
+        def counted(*args, **kwargs):
+            with count_syncs() as calls:
+                out = step(*args, **kwargs)
+            self.per_step.append(list(calls))
+            return out
+
+        module.training_step = counted
+
+
+@pytest.mark.parametrize("cache", [False, True])
+@pytest.mark.parametrize("saliency", ["gradient", "integrated_gradients"])
+def test_at_most_one_host_sync_per_steady_state_step(cache, saliency):
+    probe = StepSyncs()
+    model = distiller(tsd_weight=1.0, saliency=saliency, teacher_cache=cache)
+    mask_data = [{**d, "mask": torch.arange(16) < 12 + i % 4} for i, d in enumerate(data())]
+    quiet(max_epochs=3, callbacks=[probe]).fit(model, DataLoader(mask_data, batch_size=8))
+    steady = probe.per_step[3:] if not cache else probe.per_step[6:]  # cached: complete after epoch 2
+    assert steady and all(len(calls) <= 1 for calls in steady), steady
+
+
+def test_a_complete_cache_that_misses_asks_the_teacher_again():
+    model = distiller(tsd_weight=1.0, teacher_cache=True)
+    for batch in DataLoader(data(), batch_size=8):  # two epochs' worth of lookups: the cache is complete
+        model.training_step(batch, 0)
+    model.source.end_epoch()
+    for batch in DataLoader(data(), batch_size=8):
+        model.training_step(batch, 0)
+    model.source.end_epoch()
+    assert model.source.complete
+    live = distiller(tsd_weight=1.0)
+    live.load_state_dict(model.state_dict())
+    batch = next(iter(DataLoader(data(n=32)[24:], batch_size=8)))  # indices 24..31, never cached
+    got, want = model.training_step(batch, 0), live.training_step(batch, 0)
+    assert torch.allclose(got, want, atol=1e-6) and not model.source.complete
+    assert len(model.teacher_cache) == 32
+
+
+# ----------------------------------------------------------------------------- guard, checkpoints, seams
+def test_guard_names_the_first_problem_in_one_read():
+    guard = BadBatchGuard("raise")
+    b = unpack_batch(
+        {
+            "x": torch.tensor([[0.0, float("inf")]]),
+            "y": torch.tensor([0]),
+            "mask": torch.tensor([[True, True]]),
+        },
+        deferred=True,
+    )
+    with count_syncs() as calls:
+        verdict = guard.inspect(b, 2, torch.tensor(1.0), {}, None)
+    assert "1 non-finite value" in str(verdict.error) and verdict.skippable
+    assert calls.count("tolist") == 1
+    bad_labels = b._replace(x=torch.zeros(1, 1, 2), y=torch.tensor([5]))
+    verdict = guard.inspect(bad_labels, 2, torch.tensor(1.0), {}, None)
+    assert "labels must lie in [0, 2)" in str(verdict.error) and not verdict.skippable
+    with pytest.raises(ValueError, match="on_bad_batch"):
+        BadBatchGuard("ignore")
+
+
+def test_damaged_checkpoint_is_named_before_lightning_reads_it(tmp_path):
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    quiet(enable_checkpointing=True, callbacks=[ckpt]).fit(distiller(), DataLoader(data(), batch_size=8))
+    good = (tmp_path / "last.ckpt").read_bytes()
+    damaged = tmp_path / "damaged.ckpt"
+    damaged.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CorruptCheckpointError, match=r"damaged\.ckpt is damaged"):
+        quiet(max_epochs=2).fit(distiller(), DataLoader(data(), batch_size=8), ckpt_path=str(damaged))
+    quiet(max_epochs=2).fit(
+        distiller(), DataLoader(data(), batch_size=8), ckpt_path=str(tmp_path / "last.ckpt")
+    )
+
+
+def test_lightning_internals_are_present_and_their_loss_is_loud():
+    _compat.check_lightning_internals(quiet())
+    fake = types.SimpleNamespace(fit_loop=types.SimpleNamespace(epoch_loop=None))
+    with pytest.raises(_compat.LightningInternalsChanged, match="_combined_loader_states_to_load"):
+        _compat.check_lightning_internals(fake)
+
+
+def test_sharded_strategies_are_detected_by_class():
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    assert _compat.is_sharded(FSDPStrategy()) and not _compat.is_sharded(DDPStrategy())
+
+
+def test_teacher_source_serves_the_cache_without_the_teacher():
+    torch.manual_seed(0)
+    calls = []
+    teacher = TinyCNN(1, 3).eval()
+    teacher.register_forward_hook(lambda *_: calls.append(1))
+    source = TeacherSource(teacher, "gradient", cache=TeacherCache())
+    x, index = torch.randn(6, 1, 10), torch.arange(6)
+    first = source.outputs(x, index=index)
+    source.end_epoch()  # an epoch with misses: not complete yet
+    assert not source.complete
+    again = source.outputs(x, index=index)
+    source.end_epoch()  # an epoch served entirely from the cache
+    complete = source.outputs(x, index=index)
+    assert len(calls) == 1 and source.complete
+    assert torch.equal(first.saliency, again.saliency) and torch.equal(first.logits, complete.logits)
+    assert bool(complete.all_cached)
+
+
+def test_uniform_sampling_is_seeded_per_step_and_the_teacher_stays_deterministic():
+    options = {"steps": 1, "sampling": "uniform"}
+    model = distiller(tsd_weight=1.0, saliency="integrated_gradients", saliency_options=options)
+    model.student.eval()  # no BatchNorm statistics moving between the calls compared
+    assert model.source.saliency_options == {"steps": 1}  # the teacher's maps: deterministic midpoint
+    batch = next(iter(DataLoader(data(), batch_size=8)))
+    b = unpack_batch(batch)
+    teacher = model.source.live(b.x, b.y)
+    maps = []
+    for step in (0, 0, 1):
+        torch.manual_seed(123)  # the step's generator, not the global RNG's position, decides the draw
+        torch.rand(step + 1)
+        generator = torch.Generator().manual_seed(torch.initial_seed() + step)
+        out = model.tsd(
+            model.teacher, model.student, b.x, b.y, None, (teacher.logits, teacher.saliency), True, generator
+        )
+        maps.append(out.student_saliency.detach())
+    assert torch.equal(maps[0], maps[1]) and not torch.equal(maps[0], maps[2])
+    with pytest.raises(ValueError, match="sampling"):
+        distiller(saliency="integrated_gradients", saliency_options={"sampling": "random"})
