@@ -31,7 +31,7 @@ class Batch(NamedTuple):
     x: Tensor
     y: Tensor | None
     mask: Tensor | None
-    index: Tensor | None
+    index: Tensor | None  # type: ignore[assignment]  # a field named like tuple.index (public name)
 
 
 def as_bct(x: Tensor, *, where: str = "x") -> Tensor:
@@ -241,14 +241,14 @@ def _signature_accepts_mask(forward: Any) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def _class_accepts_mask(cls: type) -> bool:
+def _class_accepts_mask(cls: type[torch.nn.Module]) -> bool:
     return _signature_accepts_mask(cls.forward)
 
 
 def accepts_mask(model: Any) -> bool:
     """Whether ``model.forward`` takes a ``mask`` keyword (the reference models do); read once per class."""
     if isinstance(model, torch.nn.Module) and "forward" not in vars(model):
-        return _class_accepts_mask(type(model))
+        return _class_accepts_mask(type(model))  # type: ignore[arg-type]  # mypy#11470: a class is Hashable
     return _signature_accepts_mask(getattr(model, "forward", model))
 
 

@@ -67,11 +67,12 @@ def build_optimizer(
     """The optimizer by name (``lr``, ``weight_decay``), or ``optimizer(params)`` for a callable."""
     if callable(optimizer):
         return optimizer(params)
-    return OPTIMIZERS[optimizer](params, lr=lr, weight_decay=weight_decay)
+    build: Callable[..., torch.optim.Optimizer] = OPTIMIZERS[optimizer]  # Optimizer's own __init__ has no lr
+    return build(params, lr=lr, weight_decay=weight_decay)
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, scheduler: str, lr: float, total_steps: int
+    optimizer: torch.optim.Optimizer, scheduler: str, lr: float, total_steps: float
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """Cosine annealing over the fit, or one-cycle, stepped every optimizer step."""
     total = max(1, int(total_steps))

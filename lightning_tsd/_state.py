@@ -4,12 +4,21 @@ bit-exact), and validation, test and predict (agreement, divergence, accuracy, l
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_tsd import _compat
-from lightning_tsd._batch import call_model, unpack_batch
+from lightning_tsd._batch import Batch, call_model, unpack_batch
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+    from lightning.fabric.utilities.data import AttributeDict
+
+    from lightning_tsd.cache import TeacherCache
+    from lightning_tsd.guard import BadBatchGuard
+    from lightning_tsd.metrics import DistillationMetrics, TeacherAgreement
 
 
 class ResumableState:
@@ -18,6 +27,21 @@ class ResumableState:
     The module provides ``guard`` (a :class:`~lightning_tsd.guard.BadBatchGuard`), ``tsd_weight_scale``,
     ``train_agreement`` (a ``TeacherAgreement`` metric) and ``teacher_cache``.
     """
+
+    if TYPE_CHECKING:  # provided by the distiller and its LightningModule base
+        guard: BadBatchGuard
+        tsd_weight_scale: float
+        train_agreement: TeacherAgreement
+        _trainer: pl.Trainer | None
+
+        @property
+        def teacher_cache(self) -> TeacherCache | None: ...
+        # Lightning types it AttributeDict | MutableMapping; the distiller's save_hyperparameters() stores an
+        # AttributeDict, which module.py reads as self.hparams.<name>
+        @property
+        def hparams(self) -> AttributeDict: ...
+        @property
+        def global_rank(self) -> int: ...
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tsd_skipped_batches"] = self.guard.state_dict()["skipped"]
@@ -43,7 +67,8 @@ class ResumableState:
         trainer = self._trainer
         if trainer is None or _compat.on_last_batch_of_epoch(trainer):
             return {}
-        state = {k: v.detach().clone() for k, v in self.train_agreement.metric_state.items()}
+        tensors = cast(dict[str, Tensor], self.train_agreement.metric_state)  # no list states (sums, count)
+        state = {k: v.detach().clone() for k, v in tensors.items()}
         if trainer.world_size > 1:  # every rank dumps the checkpoint (rank 0 writes it): a collective is safe
             state = {k: trainer.strategy.reduce(v, reduce_op="sum") for k, v in state.items()}
         return {k: v.cpu() for k, v in state.items()}
@@ -52,6 +77,17 @@ class ResumableState:
 class EvaluationHooks:
     """Validation, test and predict steps of :class:`~lightning_tsd.TemporalSaliencyDistiller`: both models on
     each batch, into its ``metrics`` (:class:`~lightning_tsd.metrics.DistillationMetrics`), logged per epoch."""
+
+    if TYPE_CHECKING:  # provided by the distiller and its LightningModule base
+        teacher: nn.Module
+        student: nn.Module
+        metrics: DistillationMetrics
+        __call__: Callable[..., Any]
+        log_dict: Callable[..., None]
+
+        def _unpack(self, batch: Any, batch_idx: int, deferred: bool = False) -> Batch: ...
+        def _read_classes(self, b: Batch) -> None: ...
+        def _any_rank(self, flag: bool) -> bool: ...
 
     def _eval_step(self, batch: Any, batch_idx: int, stage: str) -> None:
         b = self._unpack(batch, batch_idx)

@@ -141,6 +141,7 @@ class TeacherCache:
         index = index.detach().to(self.device, torch.long).flatten()
         if self.filled is None:
             return torch.zeros(index.numel(), dtype=torch.bool, device=x.device), None, None
+        assert self.logits is not None and self.fingerprint is not None and self.verified is not None
         in_range = (index >= 0) & (index < self.capacity)
         safe = index.clamp(0, self.capacity - 1)
         hit = self.filled[safe] & in_range
@@ -218,8 +219,14 @@ class TeacherCache:
                 return
             index, logits, x = index[keep], logits[keep.to(logits.device)], x[keep.to(x.device)]
             saliency = None if saliency is None else saliency[keep.to(saliency.device)]
+        if saliency is not None and self.saliency is None:
+            return  # a full cache that holds rows without maps cannot grow map storage: served live
+        # _reserve allocated these (a full cache returned above when it holds none of the batch's indices)
+        assert self.logits is not None and self.fingerprint is not None
+        assert self.filled is not None and self.verified is not None
         self.logits[index] = logits.detach().float().to(self.device)
         if saliency is not None:
+            assert self.saliency is not None
             self.saliency[index] = saliency.detach().float().to(self.device)
         self.fingerprint[index] = input_fingerprint(x).to(self.device)
         self.filled[index] = True
@@ -233,6 +240,7 @@ class TeacherCache:
         if self.filled is None or index.numel() == 0:
             return
         index = index[(index >= 0) & (index < self.capacity)]
+        assert self.verified is not None  # allocated with filled
         self.filled[index] = False
         self.verified[index] = False
         self._pending = [p[~torch.isin(p, index)] for p in self._pending]
@@ -252,8 +260,9 @@ class TeacherCache:
         self._pending = []
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
-        mine = {"index": pending.cpu()}
+        mine: dict[str, Tensor | None] = {"index": pending.cpu()}
         if pending.numel():
+            assert self.logits is not None and self.fingerprint is not None  # pending rows were stored
             mine.update(
                 logits=self.logits[pending].cpu(),
                 saliency=None if self.saliency is None else self.saliency[pending].cpu(),
@@ -274,8 +283,12 @@ class TeacherCache:
             index = index[keep]
             entry = {k: (v[keep.cpu()] if isinstance(v, Tensor) else v) for k, v in entry.items()}
             saliency = entry["saliency"]
+        if index.numel() == 0 or self.logits is None or (saliency is not None and self.saliency is None):
+            return  # nothing fits in max_bytes: these samples are served live
+        assert self.fingerprint is not None and self.filled is not None and self.verified is not None
         self.logits[index] = entry["logits"].to(self.device)
         if saliency is not None:
+            assert self.saliency is not None
             self.saliency[index] = saliency.to(self.device)
         self.fingerprint[index] = entry["fingerprint"].to(self.device)
         self.filled[index] = True
@@ -286,6 +299,7 @@ class TeacherCache:
         if self.filled is None:
             return {"index": torch.zeros(0, dtype=torch.long)}
         index = torch.nonzero(self.filled).flatten()
+        assert self.logits is not None and self.fingerprint is not None  # allocated with filled
         return {
             "index": index.cpu(),
             "logits": self.logits[index].cpu(),

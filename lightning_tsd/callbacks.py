@@ -272,7 +272,7 @@ class SaliencyMapLogger(Callback):
         if self._samples is None and batch_idx == 0 and dataloader_idx == 0:
             b = unpack_batch(batch)
             n = min(self.num_samples, b.x.shape[0])
-            self._samples = Batch(*(None if t is None else t[:n].detach().clone() for t in b))
+            self._samples = Batch._make(None if t is None else t[:n].detach().clone() for t in b)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._samples is not None and _every_n_epochs(trainer, self.every_n_epochs):
@@ -281,7 +281,8 @@ class SaliencyMapLogger(Callback):
     @rank_zero_only
     def _draw(self, trainer: Trainer, pl_module: LightningModule) -> None:
         teacher, student = teacher_student(pl_module)
-        b = Batch(*(None if t is None else t.to(pl_module.device) for t in self._samples))
+        assert self._samples is not None  # on_validation_epoch_end draws only with samples
+        b = Batch._make(None if t is None else t.to(pl_module.device) for t in self._samples)
         pair = saliency_pair(teacher, student, b, method=self.method, target=self.target, **self.options)
         figures = []
         for i in range(b.x.shape[0]):
@@ -312,6 +313,7 @@ class SaliencyMapLogger(Callback):
                     )
                 sent = True
         if not sent or self.dirpath is not None:
+            assert self._png_dir is not None  # the dirpath, or set by setup()
             self._png_dir.mkdir(parents=True, exist_ok=True)
             for i, fig in enumerate(figures):
                 fig.savefig(self._png_dir / f"epoch={trainer.current_epoch}_sample={i}.png")

@@ -12,8 +12,9 @@ import os
 import pickle
 import tempfile
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -37,7 +38,7 @@ def model_spec(model: nn.Module) -> dict[str, Any] | None:
     """
     init_args = getattr(model, "init_args", None)
     if init_args is None and hasattr(model, "hparams"):
-        init_args = dict(model.hparams)
+        init_args = dict(cast(Mapping[str, Any], model.hparams))  # nn.Module.__getattr__ says Tensor | Module
     if init_args is None:
         return None
     cls = type(model)

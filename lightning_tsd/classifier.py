@@ -96,5 +96,5 @@ class TimeSeriesClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(
-            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+            self.parameters(), lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"]
         )

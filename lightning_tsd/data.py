@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import numpy as np
@@ -155,11 +155,11 @@ def _stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.nda
     """Seeded split of ``range(len(y))`` into (train, val), taking ``fraction`` of each class (rounded,
     leaving each class at least one training sample)."""
     rng = np.random.default_rng(seed)
-    val = [
+    val_parts = [
         rng.permutation(idx)[: min(int(fraction * len(idx) + 0.5), len(idx) - 1)]
         for idx in (np.flatnonzero(y == c) for c in np.unique(y))
     ]
-    val = np.sort(np.concatenate(val))
+    val = np.sort(np.concatenate(val_parts))
     return np.setdiff1d(np.arange(len(y)), val), val
 
 
@@ -317,7 +317,8 @@ class UCRDataModule(L.LightningDataModule):
         if self.classes_ is not None:
             return
         x_train, y_train, x_test, y_test = self._load_raw()
-        splits = [(x_train, y_train)] + ([(x_test, y_test)] if x_test is not None else [])
+        # y_test is given with x_test (from_arrays checks it; the loaders return both or neither)
+        splits = [(x_train, y_train)] + ([(x_test, cast(ArrayLike, y_test))] if x_test is not None else [])
         for xs, ys in splits:
             if len(xs) != len(ys):
                 raise ValueError(f"got {len(xs)} series but {len(ys)} labels")
@@ -333,8 +334,8 @@ class UCRDataModule(L.LightningDataModule):
         y_all = np.array([codes[label] for label in y_all], dtype=np.int64)
         if self.normalize:
             series = [_znorm(s) for s in series]
-        x, mask = _pad(series, max(s.shape[1] for s in series))
-        mask = None if mask.all() else mask
+        x, padded = _pad(series, max(s.shape[1] for s in series))
+        mask = None if padded.all() else padded
         n = len(x_train)
 
         def subset(idx: np.ndarray) -> TimeSeriesDataset:
@@ -365,6 +366,7 @@ class UCRDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled (seeded) batches of the training set."""
         self.setup()
+        assert self.train_dataset is not None  # set by setup()
         return self._loader(self.train_dataset, shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:
@@ -387,16 +389,19 @@ class UCRDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         """Number of classes ``K`` (over all splits)."""
         self.setup()
+        assert self.classes_ is not None  # set by setup()
         return len(self.classes_)
 
     @property
     def in_channels(self) -> int:
         """Number of channels ``C``."""
         self.setup()
+        assert self.train_dataset is not None  # set by setup()
         return self.train_dataset.x.shape[1]
 
     @property
     def series_length(self) -> int:
         """Length ``T`` of every batch (the longest series over all splits)."""
         self.setup()
+        assert self.train_dataset is not None  # set by setup()
         return self.train_dataset.x.shape[2]

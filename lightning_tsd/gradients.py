@@ -17,6 +17,7 @@ is the real loss and whose gradient is the combined one. Plain torch.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -71,7 +72,8 @@ def surrogate_loss(loss: Tensor, params: Sequence[Tensor], grads: Sequence[Tenso
         >>> float(s), p.grad.tolist()
         (5.0, [0.5, -1.0])
     """
-    linear = sum((p * g.detach()).sum() for p, g in zip(params, grads, strict=True))
+    # A Tensor for any non-empty params (sum() of nothing is the int 0)
+    linear = cast(Tensor, sum((p * g.detach()).sum() for p, g in zip(params, grads, strict=True)))
     return loss.detach() + (linear - linear.detach())  # exactly 0 in value, the gradient in backward
 
 
@@ -110,8 +112,8 @@ def combined_loss(
     total = base + weight * tsd
     if mode == "sum":
         return total
-    g_base = torch.autograd.grad(base, params, retain_graph=True, allow_unused=True)
-    g_tsd = torch.autograd.grad(tsd, params, allow_unused=True)
+    g_base: Sequence[Tensor] = torch.autograd.grad(base, params, retain_graph=True, allow_unused=True)
+    g_tsd: Sequence[Tensor] = torch.autograd.grad(tsd, params, allow_unused=True)
     g_base = [torch.zeros_like(p) if g is None else g for g, p in zip(g_base, params, strict=True)]
     g_tsd = [torch.zeros_like(p) if g is None else g for g, p in zip(g_tsd, params, strict=True)]
     return surrogate_loss(total, params, combine_gradients(g_base, g_tsd, weight, mode))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ from lightning_tsd.saliency import check_saliency_options, temporal_saliency
 from lightning_tsd.teacher import SALIENCY_TARGETS, model_saliency, teacher_options
 
 ALIGNMENTS = ("kl", "pearson", "cosine")
-BaseLoss = Callable[[Tensor, Tensor, Tensor], Tensor]
+BaseLoss = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
@@ -202,7 +202,7 @@ def base_distillation_loss(
         return dkd_loss(student_logits, teacher_logits, y, alpha, beta, temperature)
     if base_loss == "none":
         return None
-    return base_loss(student_logits, teacher_logits, y)
+    return cast(BaseLoss, base_loss)(student_logits, teacher_logits, y)  # not a known name: the callable
 
 
 class TSDOutput(NamedTuple):
@@ -222,7 +222,7 @@ def teacher_outputs(
     *,
     saliency: str | None = "gradient",
     mask: Tensor | None = None,
-    **options: object,
+    **options: Any,
 ) -> tuple[Tensor, Tensor | None]:
     """Deprecated: use :class:`lightning_tsd.teacher.TeacherSource` (``.live(x, y, mask)``)."""
     warnings.warn(
@@ -319,7 +319,9 @@ class TemporalSaliencyLoss(nn.Module):
         if self.saliency_target == "label" and y is None:
             raise ValueError("saliency_target='label' needs the labels y")
         label_target = y if self.saliency_target == "label" else None
-        common = dict(method=self.saliency, target_mode=self.saliency_target, mask=mask, validated=validated)
+        common: dict[str, Any] = dict(
+            method=self.saliency, target_mode=self.saliency_target, mask=mask, validated=validated
+        )
         if teacher_cached is None:
             teacher_logits, teacher_saliency = model_saliency(
                 teacher, x, label_target, **common, **self.teacher_saliency_options

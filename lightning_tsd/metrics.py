@@ -7,7 +7,7 @@ Each metric keeps the sum of its per-sample values and the sample count (``dist_
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -20,6 +20,9 @@ from lightning_tsd.functional import (
     teacher_agreement,
     teacher_student_divergence,
 )
+
+if TYPE_CHECKING:
+    from torchmetrics import MetricCollection
 
 
 class _MeanOfPerSample(Metric):
@@ -159,7 +162,7 @@ class DistillationMetrics(torch.nn.Module):
         self.num_classes = num_classes
         self.stages = torch.nn.ModuleDict()
         for stage in stages:
-            metrics: dict[str, Metric] = {
+            metrics: dict[str, Metric | MetricCollection] = {
                 "agreement": TeacherAgreement(),
                 "divergence": TeacherStudentDivergence(),
             }
@@ -174,7 +177,7 @@ class DistillationMetrics(torch.nn.Module):
 
     def update(self, stage: str, student_logits: Tensor, teacher_logits: Tensor, y: Tensor | None) -> None:
         """Update the stage's metrics with one batch (accuracy and loss only for labelled batches)."""
-        metrics = self.stages[stage]
+        metrics = cast("MetricCollection", self.stages[stage])
         metrics["agreement"].update(student_logits, teacher_logits)
         metrics["divergence"].update(student_logits, teacher_logits)
         if y is not None and "acc" in metrics:
@@ -191,7 +194,7 @@ class DistillationMetrics(torch.nn.Module):
         all-reduce under DDP) decides for all of them.
         """
         values: dict[str, Tensor] = {}
-        for name, metric in self.stages[stage].items():
+        for name, metric in cast("MetricCollection", self.stages[stage]).items():
             if not any_rank(metric.update_called):
                 continue
             result = metric.compute()

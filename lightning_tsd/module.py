@@ -275,6 +275,7 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
         else:
             student_logits = call_model(self.student, b.x, b.mask)
         if self.hparams.ce_weight > 0:
+            assert b.y is not None  # _unpack refuses unlabelled training batches when ce_weight > 0
             parts["ce"] = F.cross_entropy(student_logits.float(), b.y)
         base = self.base_loss_value(student_logits.float(), teacher.logits.float(), b.y)
         if base is not None:

@@ -201,3 +201,69 @@ def saliency_comparison(
         )
         images.append(figure_to_rgb(figure))
     return np.concatenate(images, axis=0)
+
+
+Check = tuple  # (name, value, op, threshold, passed)
+
+
+def _fmt_value(value: object) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "n/a"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def plot_substitution_report(
+    confusion: Sequence[Sequence[int]],
+    per_class_agreement: Sequence[float],
+    per_class_count: Sequence[int],
+    min_agreement: float,
+    checks: Sequence[Check],
+    cost: dict,
+) -> Figure:
+    """The substitution report's figure: the teacher-vs-student confusion matrix, agreement per
+    teacher-predicted class against ``min_agreement``, and a panel with every check (``(name, value, op,
+    threshold, passed)``, green ``pass`` / red ``FAIL``) and each model's cost; the title names failed checks.
+
+    Example:
+        >>> fig = plot_substitution_report([[3, 1], [0, 4]], [0.75, 1.0], [4, 4], 0.95,
+        ...                                [("agreement", 0.875, ">=", 0.95, False)], {})
+        >>> fig._suptitle.get_text()
+        'can substitute: no (failed: agreement)'
+    """
+    fig = Figure(figsize=(14, 4), dpi=100, layout="constrained")
+    ax_cm, ax_bar, ax_text = fig.subplots(1, 3, width_ratios=[1, 1, 0.9])
+    matrix = np.asarray(confusion)
+    image = ax_cm.imshow(matrix, cmap="Blues")
+    for (t, s), count in np.ndenumerate(matrix):
+        dark = count > matrix.max() / 2
+        ax_cm.text(s, t, str(count), ha="center", va="center", color="white" if dark else "black")
+    ax_cm.set(xlabel="student prediction", ylabel="teacher prediction", title="teacher vs student")
+    ticks = range(len(matrix))
+    ax_cm.set_xticks(ticks)
+    ax_cm.set_yticks(ticks)
+    fig.colorbar(image, ax=ax_cm, shrink=0.8)
+    agreement = np.asarray(per_class_agreement, dtype=float)
+    ax_bar.bar(ticks, np.nan_to_num(agreement), color="C0")
+    for c, (value, count) in enumerate(zip(agreement, per_class_count, strict=False)):
+        note = "n/a" if np.isnan(value) else f"n={count}"
+        ax_bar.text(c, np.nan_to_num(value) + 0.02, note, ha="center", va="bottom", fontsize="small")
+    ax_bar.axhline(min_agreement, color="C3", linestyle="--", label="threshold")
+    ax_bar.set(
+        xlabel="teacher-predicted class", ylabel="agreement", ylim=(0, 1.05), title="agreement per class"
+    )
+    ax_bar.set_xticks(ticks)
+    ax_bar.legend(loc="lower right")
+    ax_text.set_axis_off()
+    ax_text.set_title("checks and cost")
+    style = {"transform": ax_text.transAxes, "va": "top"}
+    for i, (name, value, op, threshold, passed) in enumerate(checks):
+        text = (
+            f"{'pass' if passed else 'FAIL'}  {name} = {_fmt_value(value)}, rule {op} {_fmt_value(threshold)}"
+        )
+        ax_text.text(0.0, 0.95 - 0.12 * i, text, color="tab:green" if passed else "tab:red", **style)
+    for i, (model, m) in enumerate(cost.items(), len(checks)):
+        text = f"{model}: {m['params']:,} parameters, {m['bytes'] / 1024:.1f} KiB, {m['latency_ms']:.2f} ms"
+        ax_text.text(0.0, 0.95 - 0.12 * i, text, color="black", **style)
+    failed = [name for name, *_, passed in checks if not passed]
+    fig.suptitle(f"can substitute: {'no (failed: ' + ', '.join(failed) + ')' if failed else 'yes'}")
+    return fig

@@ -12,17 +12,13 @@ serialized size and forward latency. :class:`SubstitutionReportCallback` writes 
 from __future__ import annotations
 
 import dataclasses
-import io
 import itertools
 import math
-import statistics
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -34,11 +30,13 @@ from torchmetrics.classification import (
     MulticlassConfusionMatrix,
 )
 
-from lightning_tsd._batch import Batch, call_model, unpack_batch
-from lightning_tsd.attribution import check_attribution_options, eval_logits, eval_mode, saliency_pair
+from lightning_tsd._batch import Batch, unpack_batch
+from lightning_tsd.attribution import check_attribution_options, eval_logits, saliency_pair
 from lightning_tsd.callbacks import teacher_student
+from lightning_tsd.export import model_cost
 from lightning_tsd.functional import teacher_student_divergence
 from lightning_tsd.metrics import SaliencyAlignment, TeacherAgreement, TeacherStudentDivergence
+from lightning_tsd.plotting import plot_substitution_report
 
 
 @dataclass(frozen=True)
@@ -66,6 +64,7 @@ class SubstitutionThresholds:
         """Defaults for None, overrides for a dict (unknown keys raise ``ValueError``), or the instance."""
         if thresholds is None or isinstance(thresholds, cls):
             return thresholds or cls()
+        thresholds = cast(Mapping[str, float], thresholds)  # isinstance(x, cls) narrows only to Self
         unknown = set(thresholds) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(
@@ -205,48 +204,11 @@ class SubstitutionReport:
         """The teacher-vs-student confusion matrix, per-class agreement bars, and a panel listing every
         check (green ``pass``, red ``FAIL``) and both models' cost, as a ``Figure``; the title names the
         failed checks."""
-        fig = Figure(figsize=(14, 4), dpi=100, layout="constrained")
-        ax_cm, ax_bar, ax_text = fig.subplots(1, 3, width_ratios=[1, 1, 0.9])
-        confusion = np.asarray(self.confusion)
-        image = ax_cm.imshow(confusion, cmap="Blues")
-        for (t, s), count in np.ndenumerate(confusion):
-            dark = count > confusion.max() / 2
-            ax_cm.text(s, t, str(count), ha="center", va="center", color="white" if dark else "black")
-        ax_cm.set(xlabel="student prediction", ylabel="teacher prediction", title="teacher vs student")
-        ticks = range(self.num_classes)
-        ax_cm.set_xticks(ticks)
-        ax_cm.set_yticks(ticks)
-        fig.colorbar(image, ax=ax_cm, shrink=0.8)
-        agreement = np.asarray(self.per_class_agreement, dtype=float)
-        ax_bar.bar(ticks, np.nan_to_num(agreement), color="C0")
-        for c, (value, count) in enumerate(zip(agreement, self.per_class_count)):
-            note = "n/a" if np.isnan(value) else f"n={count}"
-            ax_bar.text(c, np.nan_to_num(value) + 0.02, note, ha="center", va="bottom", fontsize="small")
-        ax_bar.axhline(self.thresholds.min_agreement, color="C3", linestyle="--", label="threshold")
-        ax_bar.set(
-            xlabel="teacher-predicted class", ylabel="agreement", ylim=(0, 1.05), title="agreement per class"
-        )
-        ax_bar.set_xticks(ticks)
-        ax_bar.legend(loc="lower right")
-        _draw_checks(ax_text, self.checks, self.cost)
-        failed = [c.name for c in self.checks if not c.passed]
-        fig.suptitle(f"can substitute: {'no (failed: ' + ', '.join(failed) + ')' if failed else 'yes'}")
-        return fig
-
-
-def _draw_checks(ax: Any, checks: list[Check], cost: dict[str, dict[str, Any]]) -> None:
-    """Every check on its own line, green when it passed and red when it failed, then each model's cost."""
-    ax.set_axis_off()
-    ax.set_title("checks and cost")
-    style = {"transform": ax.transAxes, "va": "top"}
-    for i, c in enumerate(checks):
-        text = (
-            f"{'pass' if c.passed else 'FAIL'}  {c.name} = {_fmt(c.value)}, rule {c.op} {_fmt(c.threshold)}"
-        )
-        ax.text(0.0, 0.95 - 0.12 * i, text, color="tab:green" if c.passed else "tab:red", **style)
-    for i, (model, m) in enumerate(cost.items(), len(checks)):
-        text = f"{model}: {m['params']:,} parameters, {m['bytes'] / 1024:.1f} KiB, {m['latency_ms']:.2f} ms"
-        ax.text(0.0, 0.95 - 0.12 * i, text, color="black", **style)
+        checks = [(c.name, c.value, c.op, c.threshold, c.passed) for c in self.checks]
+        return plot_substitution_report(
+            self.confusion, self.per_class_agreement, self.per_class_count, self.thresholds.min_agreement,
+            checks, self.cost,
+        )  # fmt: skip
 
 
 _COST_ROWS = (("parameters", "params"), ("state dict (bytes)", "bytes"), ("latency (ms)", "latency_ms"))
@@ -264,36 +226,6 @@ def _section(title: str | None, header: list[str], rows: list[list[Any]]) -> lis
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table += ["| " + " | ".join(map(_fmt, r)) + " |" for r in rows]
     return [*(["", f"## {title}"] if title else []), "", *(table if header and rows else ["not measured"])]
-
-
-def model_cost(
-    model: nn.Module, x: Tensor, mask: Tensor | None = None, repeats: int = 5, warmup: int = 2
-) -> dict:
-    """``params`` (parameter count), ``bytes`` (size of ``torch.save(model.state_dict())``) and
-    ``latency_ms`` (median wall time of one forward on ``x``, eval mode and no grad, after ``warmup`` calls;
-    CUDA is synchronised) of ``model``. Its ``training`` flags are restored.
-
-    Example:
-        >>> cost = model_cost(torch.nn.Linear(8, 2), torch.randn(4, 8))
-        >>> cost["params"], cost["latency_ms"] > 0
-        (18, True)
-    """
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-    times = []
-    with torch.no_grad(), eval_mode(model):
-        for _ in range(warmup + repeats):
-            sync()
-            start = time.perf_counter()
-            call_model(model, x, mask)
-            sync()
-            times.append(time.perf_counter() - start)
-    return {
-        "params": sum(p.numel() for p in model.parameters()),
-        "bytes": buffer.getbuffer().nbytes,
-        "latency_ms": 1000.0 * statistics.median(times[warmup:]),
-    }
 
 
 class _Accumulator:
@@ -317,6 +249,7 @@ class _Accumulator:
         self.confusion.update(s_pred, t_pred)
         self.labelled &= b.y is not None
         if self.labelled:
+            assert b.y is not None  # labelled only while every batch has labels
             for m, logits in (("t", t_logits), ("s", s_logits)):
                 self.accuracy[m].update(logits, b.y)
                 self.ece[m].update(logits.softmax(1), b.y)
@@ -387,7 +320,7 @@ def substitution_report(
     cost: dict[str, dict[str, Any]] = {}  # measured on the first batch
     pairs: dict[str, nn.Module] = {"teacher": teacher, "student": student}
     for batch in itertools.islice(dataloader, max_batches):
-        b = Batch(*(None if t is None else t.to(device) for t in unpack_batch(batch)))
+        b = Batch._make(None if t is None else t.to(device) for t in unpack_batch(batch))
         if method is None:
             t_logits, s_logits, maps = (
                 eval_logits(teacher, b.x, b.mask),
@@ -496,6 +429,7 @@ class SubstitutionReportCallback(Callback):
 
     @rank_zero_only
     def _write(self, trainer: Trainer, report: SubstitutionReport) -> None:
+        assert self._dir is not None  # the dirpath, or set by setup()
         self._dir.mkdir(parents=True, exist_ok=True)
         (self._dir / "substitution_report.md").write_text(report.to_markdown())
         report.figure().savefig(self._dir / "substitution_report.png")

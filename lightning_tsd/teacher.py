@@ -191,6 +191,7 @@ class TeacherSource:
         if refresh:
             self.complete = False
         shape = None if not with_saliency else self._map_shape(x)
+        logits: Tensor | None
         if self.complete:
             hit, logits, saliency = self.cache.lookup(index, x)
             return TeacherOutputs(logits, self._unflatten(saliency, shape), hit.all())
@@ -212,6 +213,7 @@ class TeacherSource:
         logits = logits.clone()
         logits[miss] = live.logits.to(logits.dtype)
         if live.saliency is not None:
+            assert saliency is not None and flat is not None  # a saliency-less hit was recomputed above
             saliency = saliency.clone()
             saliency[miss] = flat.to(saliency.dtype)
         return TeacherOutputs(

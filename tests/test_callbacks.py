@@ -18,6 +18,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from PIL import Image
+from trainers import quiet_trainer
 
 from lightning_tsd._batch import call_model, unpack_batch
 from lightning_tsd.attribution import CAPTUM_METHODS, saliency_pair, temporal_attribution
@@ -29,15 +30,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode:Use
 
 
 def _trainer(tmp_path, callbacks, logger=False, max_epochs=1) -> Trainer:
-    return Trainer(
-        accelerator="cpu",
+    return quiet_trainer(
         max_epochs=max_epochs,
         logger=logger,
         callbacks=callbacks,
         default_root_dir=tmp_path,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=1,
         log_every_n_steps=1,
     )

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from tiny_models import FAMILIES, TinyCNN
 from torch.utils.data import DataLoader
+from trainers import quiet_trainer
 
 from lightning_tsd import InvalidBatchError, TemporalSaliencyDistiller, UnsafeCheckpointError, save_teacher
 from lightning_tsd.saliency import IG_CHUNK_ROWS
@@ -31,17 +32,7 @@ def loader(data, batch_size=16, shuffle=False, seed=0):
 
 
 def trainer(**kwargs) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    options.update(kwargs)
-    return pl.Trainer(**options)
+    return quiet_trainer(**kwargs)
 
 
 def distiller(teacher=None, student=None, seed=0, **kwargs) -> TemporalSaliencyDistiller:

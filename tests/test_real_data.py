@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from trainers import quiet_trainer
 
 from lightning_tsd import TemporalSaliencyDistiller, TimeSeriesClassifier, UCRDataModule
 from lightning_tsd.models import FCN, NarrowFCN
@@ -23,20 +24,13 @@ def test_gunpoint_fit_tsd_loss_goes_down_and_student_learns():
     data = UCRDataModule(
         "GunPoint", batch_size=16, seed=0, val_fraction=0.0
     )  # validate on the 150 test series
-    kwargs = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
     teacher = TimeSeriesClassifier(FCN(1, 2, num_filters=16), lr=3e-3)
-    pl.Trainer(max_epochs=20, **kwargs).fit(teacher, datamodule=data)
+    quiet_trainer(max_epochs=20).fit(teacher, datamodule=data)
 
     trace = TSDTrace()
     distiller = TemporalSaliencyDistiller(teacher.model, NarrowFCN(1, 2), tsd_weight=2.0, teacher_cache=True)
-    before = pl.Trainer(**kwargs).validate(distiller, datamodule=data, verbose=False)[0]
-    trainer = pl.Trainer(max_epochs=12, callbacks=[trace], **kwargs)
+    before = quiet_trainer().validate(distiller, datamodule=data, verbose=False)[0]
+    trainer = quiet_trainer(max_epochs=12, callbacks=[trace])
     trainer.fit(distiller, datamodule=data)
     first, last = torch.tensor(trace.values[:10]).mean(), torch.tensor(trace.values[-10:]).mean()
     assert last < 0.85 * first, (first, last)

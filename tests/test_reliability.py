@@ -16,6 +16,7 @@ import pytest
 import torch
 from test_module import distiller, make_data
 from torch.utils.data import DataLoader, DistributedSampler
+from trainers import quiet_trainer
 
 from lightning_tsd import CorruptCheckpointError, UnsafeCheckpointError, load_teacher, save_teacher
 from lightning_tsd._batch import NonFiniteLossError
@@ -26,18 +27,7 @@ FAULTS = Path(__file__).with_name("ddp_faults.py")
 
 
 def fit_trainer(**kwargs) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    options.update(kwargs)
-    return pl.Trainer(**options)
+    return quiet_trainer(**{"limit_val_batches": 0, **kwargs})
 
 
 def batches(n=4, batch_size=8, seed=0):

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 from captum.attr import Saliency
-from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 from torchmetrics.functional.classification import multiclass_calibration_error
+from trainers import quiet_trainer
 
 from lightning_tsd._batch import call_model, unpack_batch
 from lightning_tsd.metrics import SaliencyAlignment, TeacherAgreement, TeacherStudentDivergence
@@ -210,13 +210,7 @@ def test_old_option_names_of_the_report_still_work(models, toy_loader):
 def test_callback_writes_report_after_test(tmp_path, toy_module, toy_loader):
     module = toy_module(seed=3)
     callback = SubstitutionReportCallback(method="gradient", num_worst=3)
-    trainer = Trainer(
-        accelerator="cpu",
-        logger=CSVLogger(tmp_path),
-        callbacks=[callback],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(logger=CSVLogger(tmp_path), callbacks=[callback])
     loader = toy_loader(n=20, seed=5)
     trainer.test(module, loader, verbose=False)
 

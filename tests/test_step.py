@@ -12,6 +12,7 @@ import torch
 from tiny_models import TinyCNN
 from torch import nn
 from torch.utils.data import DataLoader
+from trainers import quiet_trainer
 
 from lightning_tsd import (
     CorruptCheckpointError,
@@ -36,11 +37,7 @@ def data(n=24, length=16, classes=3, seed=0):
 
 
 def quiet(**kwargs) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-    )  # fmt: skip
-    return pl.Trainer(**{**options, **kwargs})
+    return quiet_trainer(**{"limit_val_batches": 0, **kwargs})
 
 
 def distiller(seed=0, **kwargs):
@@ -369,3 +366,14 @@ def test_uniform_sampling_is_seeded_per_step_and_the_teacher_stays_deterministic
     assert torch.equal(maps[0], maps[1]) and not torch.equal(maps[0], maps[2])
     with pytest.raises(ValueError, match="sampling"):
         distiller(saliency="integrated_gradients", saliency_options={"sampling": "random"})
+
+
+def test_a_full_cache_serves_what_does_not_fit_live():
+    row = 4 * (3 + 0) + 18  # logits only
+    cache = TeacherCache(max_bytes=4 * row)
+    cache.put(torch.arange(4), torch.randn(4, 3), None, torch.randn(4, 1, 8))  # fills it, without maps
+    cache.put(torch.arange(2), torch.randn(2, 3), torch.rand(2, 8), torch.randn(2, 1, 8))  # maps: no room
+    assert cache.saliency is None and len(cache) == 4
+    empty = TeacherCache(max_bytes=1)  # rows arriving from another rank or a checkpoint, none fits
+    empty.load_state_dict(cache.state_dict())
+    assert len(empty) == 0

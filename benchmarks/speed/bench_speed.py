@@ -108,13 +108,13 @@ def configure(args: argparse.Namespace) -> tuple[torch.device, Path, str]:
         "_cuda" if args.device == "cuda" else ""
     )
     csv_path = args.out / f"speed{tag}.csv"
+    if args.fresh and csv_path.exists() and not args.report_only:
+        csv_path.unlink()
     rows = harness.read_rows(csv_path)
     if rows and "cpu_ms" not in rows[0]:
         raise SystemExit(
             f"{csv_path} was written by the earlier script (other columns): pass --fresh to replace it"
         )
-    if args.fresh and csv_path.exists() and not args.report_only:
-        csv_path.unlink()
     return torch.device(args.device), csv_path, default
 
 
