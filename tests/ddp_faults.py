@@ -15,12 +15,12 @@ from __future__ import annotations
 import os
 import sys
 
-import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_models import TinyCNN  # noqa: E402
+from trainers import quiet_trainer  # noqa: E402
 
 import lightning_tsd.saliency as saliency_module  # noqa: E402
 from lightning_tsd import ReduceTSDWeightOnAgreementDrop, TemporalSaliencyDistiller  # noqa: E402
@@ -64,15 +64,10 @@ def main(out_dir: str, scenario: str) -> None:
         on_bad_batch="raise" if scenario == "raise" else "skip",
     )
     guard = ReduceTSDWeightOnAgreementDrop(monitor="val/rank_value", tolerance=0.1)
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         devices=2,
         strategy="ddp",
         max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         use_distributed_sampler=False,
         limit_val_batches=None if scenario == "val" else 0,
         num_sanity_val_steps=0,

@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import sys
 
-import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_models import TinyCNN  # noqa: E402
+from trainers import quiet_trainer  # noqa: E402
 
 from lightning_tsd import TemporalSaliencyDistiller  # noqa: E402
 
@@ -47,15 +47,10 @@ def main(out_dir: str, devices: int, methods: list[str]) -> None:
             optimizer="sgd",
             teacher_cache=True,
         )
-        trainer = pl.Trainer(
-            accelerator="cpu",
+        trainer = quiet_trainer(
             devices=devices,
             strategy="ddp" if devices > 1 else "auto",
             max_epochs=2,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
             limit_val_batches=0,
             use_distributed_sampler=False,
         )

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import sys
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from torch.utils.data import DataLoader
@@ -14,6 +13,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.dirname(__file__))
 from ddp_fit import data  # noqa: E402
 from tiny_models import TinyCNN  # noqa: E402
+from trainers import quiet_trainer  # noqa: E402
 
 from lightning_tsd import SaliencyAlignmentMonitor, SaliencyMapLogger, TemporalSaliencyDistiller  # noqa: E402
 
@@ -22,14 +22,11 @@ def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = TemporalSaliencyDistiller(TinyCNN(1, 3).eval(), TinyCNN(1, 3, width=4), saliency="gradient")
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         devices=2,
         strategy="ddp",
         max_epochs=2,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        num_sanity_val_steps=2,
         logger=WandbLogger(offline=True, save_dir=out_dir, project="tsd-ddp"),
         callbacks=[
             SaliencyAlignmentMonitor(method="gradient", max_batches=2),
