@@ -163,3 +163,33 @@ def test_call_model_and_state_dict_keys():
         f"members.{i}.1.{p}" for i in range(2) for p in ("bias", "weight")
     ]
     assert "2 members" in repr(ensemble)
+
+
+def test_distiller_with_an_ensemble_teacher_caches_checkpoints_and_resumes(tmp_path):
+    """An ensemble is one teacher to the distiller: cached after epoch 1, rebuilt from its checkpoint."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+    from trainers import quiet_trainer
+
+    from lightning_tsd import TemporalSaliencyDistiller
+    from lightning_tsd.models import FCN, NarrowFCN
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 1, 32, generator=g), torch.randint(0, 3, (24,), generator=g)
+    loader = DataLoader([{"x": x[i], "y": y[i], "index": i} for i in range(24)], batch_size=8)
+    members = [FCN(1, 3, num_filters=4).eval(), FCN(1, 3, num_filters=4).eval()]
+    model = TemporalSaliencyDistiller(members, NarrowFCN(1, 3), saliency="gradient", teacher_cache=True)
+    assert isinstance(model.teacher, TeacherEnsemble)
+    calls = []
+    model.teacher.register_forward_hook(lambda *_: calls.append(1))
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    quiet_trainer(max_epochs=2, limit_val_batches=0, enable_checkpointing=True, callbacks=[ckpt]).fit(
+        model, loader
+    )
+    assert len(calls) == 1 + 3  # the class-count forward, then the 3 batches of epoch 1; none in epoch 2
+    restored = TemporalSaliencyDistiller.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True)
+    assert isinstance(restored.teacher, TeacherEnsemble) and len(restored.teacher_cache) == 24
+    probe = torch.randn(5, 1, 32)
+    with torch.no_grad():
+        assert torch.allclose(restored.teacher(probe), model.teacher(probe))
