@@ -1,0 +1,174 @@
+"""``results/screen.md`` from ``results/screen.csv``: paired deltas vs ``kd`` pooled over blocks with 95%
+intervals, per dataset, and the screening decision of ``selection.md`` (2026-12-03)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import common
+import harness
+
+METRICS = ["agreement", "ig_rho", "occ_rho"]
+SIZES = ["tiny", "tenth"]
+SCREEN_DATASETS = 3
+SCREEN_MIN_BLOCKS = SCREEN_DATASETS * common.CV_FOLDS  # repeat 0 complete on the three screen datasets
+
+
+def paired_deltas(rows: list[dict]) -> dict[tuple[str, str], dict[str, list[tuple[str, float]]]]:
+    """``{(size, candidate): {metric: [(dataset, delta), ...]}}`` over blocks where both it and kd ran."""
+    by_block = defaultdict(dict)
+    for r in rows:
+        by_block[(r["dataset"], r["split"], r["student"], r["steps"])][r["candidate"]] = r
+    out: dict = defaultdict(lambda: defaultdict(list))
+    for (dataset, _, size, _), runs in by_block.items():
+        kd = runs.get("kd")
+        for cand, r in runs.items():
+            if kd is None or cand == "kd":
+                continue
+            for m in METRICS:
+                out[(size, cand)][m].append((dataset, float(r[m]) - float(kd[m])))
+    return out
+
+
+def stats(deltas: dict[str, list[tuple[str, float]]]) -> dict:
+    s = {"n": len(deltas["agreement"])}
+    for m in METRICS:
+        s[m] = common.mean_ci([d for _, d in deltas[m]])
+    return s
+
+
+def final_conditions(s: dict) -> int:
+    """How many of the selection rule's four conditions a candidate meets."""
+    agr, lo, _ = s["agreement"]
+    return sum([agr >= 0, lo >= -0.01, s["occ_rho"][0] >= 0.05, s["ig_rho"][0] >= 0.05])
+
+
+def screen_pass(s: dict) -> bool:
+    agr, _, hi = s["agreement"]
+    return agr >= -0.02 and hi >= 0 and s["ig_rho"][0] >= 0.025 and s["occ_rho"][0] >= 0.025
+
+
+def carried(table: dict[str, dict]) -> list[str]:
+    """The screening rule: passers (at most 5, by the lower end of d agreement), filled up to 3."""
+
+    def lower(c: str) -> float:
+        lo = table[c]["agreement"][1]
+        return lo if lo == lo else -math.inf
+
+    passed = sorted((c for c, s in table.items() if screen_pass(s)), key=lower, reverse=True)[:5]
+    rest = sorted((c for c in table if c not in passed),
+                  key=lambda c: (final_conditions(table[c]), lower(c)), reverse=True)  # fmt: skip
+    return passed + rest[: max(0, 3 - len(passed))]
+
+
+def _fmt(ci: tuple[float, float, float]) -> str:
+    mean, lo, hi = ci
+    return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]" if lo == lo else f"{mean:+.3f}"
+
+
+def pooled_lines(deltas: dict, candidates: list[str], rows: list[dict]) -> list[str]:
+    cost = defaultdict(list)
+    for r in rows:
+        cost[(r["student"], r["candidate"])].append(float(r["cpu_ms_per_step"]))
+    lines = []
+    for size in SIZES:
+        table = {c: stats(deltas[(size, c)]) for c in candidates if (size, c) in deltas}
+        if not table:
+            continue
+        n_min = min(s["n"] for s in table.values())
+        complete = n_min >= SCREEN_MIN_BLOCKS
+        keep = carried(table) if complete else []
+        out = []
+        for c, s in table.items():
+            ms = cost[(size, c)]
+            out.append([f"`{c}`", s["n"], _fmt(s["agreement"]), _fmt(s["ig_rho"]), _fmt(s["occ_rho"]),
+                        f"{final_conditions(s)}/4", "yes" if screen_pass(s) else "no",
+                        sum(ms) / len(ms), "**carried**" if c in keep else ""])  # fmt: skip
+        kd_ms = cost[(size, "kd")]
+        lines += [f"### Student `{size}`", "",
+                  f"KD's CPU time per step: {sum(kd_ms) / max(1, len(kd_ms)):.1f} ms (screen rows; not the speed benchmark).", "",
+                  *harness.markdown_table(out, ["candidate", "blocks", "d agreement [95% CI]", "d IG-rho [95% CI]",
+                                                "d occ-rho [95% CI]", "final rule: conditions met",
+                                                "passes the screen", "CPU ms/step", "decision"], digits=1),
+                  "", (f"Screen complete ({n_min} blocks each): carried: {', '.join(keep) or 'none'}." if complete else
+                       f"**Partial**: {n_min} of the {SCREEN_MIN_BLOCKS} blocks the screening decision needs; nothing is "
+                       "carried yet."), ""]  # fmt: skip
+    return lines
+
+
+def per_dataset_lines(deltas: dict, candidates: list[str]) -> list[str]:
+    out = []
+    for size in SIZES:
+        for c in candidates:
+            d = deltas.get((size, c))
+            if not d:
+                continue
+            for name in sorted({n for n, _ in d["agreement"]}):
+                vals = {m: [v for n, v in d[m] if n == name] for m in METRICS}
+                out.append([size, name, f"`{c}`", len(vals["agreement"]),
+                            *[f"{sum(v) / len(v):+.3f}" for v in vals.values()]])  # fmt: skip
+    return harness.markdown_table(out, ["student", "dataset", "candidate", "blocks", "d agreement", "d IG-rho",
+                                        "d occ-rho"])  # fmt: skip
+
+
+def kd_lines(rows: list[dict]) -> list[str]:
+    by = defaultdict(list)
+    for r in rows:
+        if r["candidate"] == "kd":
+            by[(r["student"], r["dataset"], r["steps"], r["student_params"], r["teacher_params"])].append(r)
+    out = [
+        [*k, len(v), *[sum(float(r[m]) for r in v) / len(v) for m in METRICS]] for k, v in sorted(by.items())
+    ]
+    return harness.markdown_table(out, ["student", "dataset", "steps", "student params", "teacher params",
+                                        "blocks", "KD agreement", "KD IG-rho", "KD occ-rho"])  # fmt: skip
+
+
+def steps_lines(results: Path) -> list[str]:
+    """The frozen student step counts beside what the rule gives on all KD curves now."""
+    import json
+
+    import regime
+
+    frozen_path = results / "screen_steps.json"
+    frozen = json.loads(frozen_path.read_text()) if frozen_path.exists() else {}
+    now = regime.chosen_steps()
+    line = f"Student steps (frozen at the screen's start, `{frozen_path.name}`): {frozen or 'none'}; the rule on all KD "
+    line += f"curves in `regime_curves.csv` now: {now}."
+    if frozen and any(now.get(k) not in (None, v) for k, v in frozen.items()):
+        line += " **They differ: per the 2026-12-03 amendment, restart the screen at the new count.**"
+    return [line, ""]
+
+
+def write(csv_path: Path, candidates: list[str]) -> None:
+    rows = harness.read_rows(csv_path)
+    if not rows:
+        return
+    deltas = paired_deltas(rows)
+    env = harness.environment()
+    lines = [
+        "# Screen of TSD candidates vs KD (issue 9), 3-fold CV of the train splits",
+        "",
+        f"Generated by `benchmarks/quality/screen.py` from `{csv_path.name}` ({env['date']}, torch {env['torch']}, "
+        f"{env['device']}). Rules (written before the run): `benchmarks/quality/selection.md`, 2026-12-03.",
+        "",
+        "Block = (dataset, CV repeat, fold); the teacher (package InceptionTime, default size) is trained on the "
+        "other two folds; every candidate is paired with `kd` in its block (same initialisation, batch order and "
+        "step count). Deltas = candidate - kd on the held-out fold, pooled over blocks; 95% t-intervals over "
+        "blocks (blocks of one repeat share series, so they are somewhat too narrow). IG-rho: captum IG, 32 "
+        "steps; occ-rho: captum Occlusion, windows of T/10; both Spearman over time vs the teacher's map.",
+        "",
+        *steps_lines(csv_path.parent),
+        "## Pooled paired deltas vs kd",
+        "",
+        *pooled_lines(deltas, [c for c in candidates if c != "kd"], rows),
+        "## KD itself",
+        "",
+        *kd_lines(rows),
+        "",
+        "## Per dataset (mean paired delta over blocks)",
+        "",
+        *per_dataset_lines(deltas, [c for c in candidates if c != "kd"]),
+    ]
+    (csv_path.parent / "screen.md").write_text("\n".join(lines) + "\n")
