@@ -194,10 +194,10 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
         _compat.refuse_unsupported(
             self.trainer.strategy, self.student if self.hparams.tsd_weight > 0 else None
         )
-        strategy = self.trainer.strategy
-        if not isinstance(
-            strategy.checkpoint_io, CheckedCheckpointIO
-        ):  # setup runs before fit(ckpt_path=) reads
+        strategy = (
+            self.trainer.strategy
+        )  # setup runs before fit(ckpt_path=...) reads the file: check it first
+        if not isinstance(strategy.checkpoint_io, CheckedCheckpointIO):
             strategy.checkpoint_io = CheckedCheckpointIO(strategy.checkpoint_io)
 
     def train(self, mode: bool = True) -> TemporalSaliencyDistiller:
@@ -262,8 +262,8 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
         self, b: Batch, teacher: TeacherOutputs, weight: float
     ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """The total loss, its parts and the student's logits for a batch whose teacher outputs are known."""
-        if teacher.logits.ndim != 2 or (
-            self.num_classes is not None and teacher.logits.shape[1] != self.num_classes
+        if teacher.logits.ndim != 2 or teacher.logits.shape[1] != (
+            self.num_classes or teacher.logits.shape[1]
         ):
             raise ValueError(f"the teacher returned logits of shape {tuple(teacher.logits.shape)}")
         parts: dict[str, Tensor] = {}
@@ -333,7 +333,6 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
         schedule = (hp.tsd_start, hp.tsd_warmup, hp.tsd_every_n_steps)
         return tsd_weight_at(self.global_step, total, float(hp.tsd_weight) * self.tsd_weight_scale, *schedule)
 
-    # ------------------------------------------------------------------ batch helpers
     def _where(self, batch_idx: int) -> str:
         return f"batch {batch_idx} of epoch {self.current_epoch} (global step {self.global_step})"
 
@@ -370,9 +369,8 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
 
     def _any_rank(self, flag: bool) -> bool:
         """True on every process when ``flag`` is True on any (one all-reduce under DDP)."""
-        if self._trainer is None:
-            return flag
-        return bool(self.trainer.strategy.reduce_boolean_decision(flag, all=False))
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        return flag if strategy is None else bool(strategy.reduce_boolean_decision(flag, all=False))
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_train_start(self) -> None:
@@ -395,11 +393,8 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
         scheduler = build_scheduler(optimizer, hp.scheduler, hp.lr, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # ------------------------------------------------------------------ teacher cache and checkpoints
     def precompute_teacher_cache(self, dataloader: Any) -> int:
         """Fill the teacher cache in one pass over ``dataloader`` (batches must carry ``index``); returns the
         number of cached samples. Call it before ``trainer.fit`` (under DDP every rank runs the whole loader)."""
-        batches = (
-            self._unpack(move_data_to_device(batch, self.device), i) for i, batch in enumerate(dataloader)
-        )
+        batches = (self._unpack(move_data_to_device(b, self.device), i) for i, b in enumerate(dataloader))
         return self.source.precompute(batches, with_saliency=self.hparams.tsd_weight > 0)
