@@ -14,7 +14,6 @@ module. Plain torch: the all-rank reduction is passed in as a callable.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -137,11 +136,6 @@ class BadBatchGuard:
                 for p in group["params"]:
                     p.grad = None
         self._good_since_step = 0
-
-    @staticmethod
-    def decide(flag: bool, any_rank: Callable[[bool], bool] | None) -> bool:
-        """True on every process when ``flag`` is True on any (``any_rank`` is the all-reduce)."""
-        return flag if any_rank is None else any_rank(flag)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

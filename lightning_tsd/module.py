@@ -229,7 +229,7 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
                 )
             raise
         skippable = verdict.error is not None and verdict.skippable
-        skip = self.guard.policy == "skip" and self.guard.decide(skippable, self._any_rank)
+        skip = self.guard.policy == "skip" and self._any_rank(skippable)
         if skip or verdict.error is not None:  # nothing of this step stays: buffers, cache entries
             self.guard.restore(snapshot)
             self.source.discard(teacher)

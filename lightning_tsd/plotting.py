@@ -206,7 +206,13 @@ def saliency_comparison(
 Check = tuple  # (name, value, op, threshold, passed)
 
 
-def _fmt_value(value: object) -> str:
+def format_value(value: object) -> str:
+    """A report value as text: ``"n/a"`` for None or NaN, four decimals for a float.
+
+    Example:
+        >>> format_value(0.5), format_value(None), format_value(3)
+        ('0.5000', 'n/a', '3')
+    """
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return "n/a"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
@@ -257,9 +263,7 @@ def plot_substitution_report(
     ax_text.set_title("checks and cost")
     style = {"transform": ax_text.transAxes, "va": "top"}
     for i, (name, value, op, threshold, passed) in enumerate(checks):
-        text = (
-            f"{'pass' if passed else 'FAIL'}  {name} = {_fmt_value(value)}, rule {op} {_fmt_value(threshold)}"
-        )
+        text = f"{'pass' if passed else 'FAIL'}  {name} = {format_value(value)}, rule {op} {format_value(threshold)}"
         ax_text.text(0.0, 0.95 - 0.12 * i, text, color="tab:green" if passed else "tab:red", **style)
     for i, (model, m) in enumerate(cost.items(), len(checks)):
         text = f"{model}: {m['params']:,} parameters, {m['bytes'] / 1024:.1f} KiB, {m['latency_ms']:.2f} ms"

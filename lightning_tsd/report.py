@@ -36,7 +36,7 @@ from lightning_tsd.callbacks import teacher_student
 from lightning_tsd.export import model_cost
 from lightning_tsd.functional import teacher_student_divergence
 from lightning_tsd.metrics import SaliencyAlignment, TeacherAgreement, TeacherStudentDivergence
-from lightning_tsd.plotting import plot_substitution_report
+from lightning_tsd.plotting import format_value, plot_substitution_report
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ class SubstitutionReport:
     def to_markdown(self) -> str:
         """The report as Markdown: verdict, models, cost, per-class agreement, saliency, confusion, worst."""
         checks = [
-            [c.name, c.value, f"{c.op} {_fmt(c.threshold)}", "pass" if c.passed else "FAIL"]
+            [c.name, c.value, f"{c.op} {format_value(c.threshold)}", "pass" if c.passed else "FAIL"]
             for c in self.checks
         ]
         models = [
@@ -215,16 +215,10 @@ _COST_ROWS = (("parameters", "params"), ("state dict (bytes)", "bytes"), ("laten
 _LATENCY = "eval mode, no grad, on the report's device; median of 5 calls after 2 warm-up calls"
 
 
-def _fmt(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
 def _section(title: str | None, header: list[str], rows: list[list[Any]]) -> list[str]:
     """A Markdown table under its ``## title`` (none for None), or "not measured" without rows."""
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    table += ["| " + " | ".join(map(_fmt, r)) + " |" for r in rows]
+    table += ["| " + " | ".join(map(format_value, r)) + " |" for r in rows]
     return [*(["", f"## {title}"] if title else []), "", *(table if header and rows else ["not measured"])]
 
 
