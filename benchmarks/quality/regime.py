@@ -58,16 +58,35 @@ def splits(kind: str, seeds: list[int], folds: list[int] | None = None) -> list[
 
 
 def cmd_teachers(args) -> None:
-    done = harness.done_keys(common.RESULTS / "regime_teachers.csv", ["dataset", "split"])
+    rows = {(r["dataset"], r["split"]): r for r in harness.read_rows(common.RESULTS / "regime_teachers.csv")}
     for split in splits(args.split, args.seeds):
         for name in args.datasets:
-            if (name, split.key) in done:
+            if (name, split.key) in rows:
+                if args.refill and not common.teacher_path(name, split).exists():
+                    _refill(name, split, rows[(name, split.key)])
                 continue
             dm = common.datamodule(name, split)
             _, info = common.get_teacher(name, split, dm)
             harness.append_row(common.RESULTS / "regime_teachers.csv", info, TEACHER_FIELDS)
             print(f"teacher {name} {split.key}: {args.split} acc {info['eval_acc']:.3f} (train "
                   f"{info['train_acc']:.3f}, {info['epochs']} epochs, {info['fit_s']:.0f}s)", flush=True)  # fmt: skip
+
+
+def _refill(name: str, split: common.Split, row: dict) -> None:
+    """Re-train a teacher whose row is recorded but whose cache file is gone (a new machine): the fit is
+    seeded, so it must reproduce the recorded accuracy; a mismatch stops the run (the row is not rewritten)."""
+    _, info = common.get_teacher(name, split, common.datamodule(name, split))
+    same = (
+        abs(float(row["eval_acc"]) - info["eval_acc"]) < 1e-6
+        and abs(float(row["train_acc"]) - info["train_acc"]) < 1e-6
+    )
+    print(f"teacher {name} {split.key}: refilled, {info['eval_acc']:.6f} vs recorded {float(row['eval_acc']):.6f}"
+          f" ({'reproduced' if same else 'DIFFERENT'})", flush=True)  # fmt: skip
+    if not same:
+        common.teacher_path(name, split).rename(common.teacher_path(name, split).with_suffix(".mismatch.pt"))
+        raise SystemExit(
+            f"teacher {name} {split.key} did not reproduce its recorded fit; results using it are stale"
+        )
 
 
 def _curve_callback(ref, rows: list):
@@ -232,6 +251,8 @@ def main() -> None:
     p.add_argument("--datasets", nargs="+", default=DATASETS)
     p.add_argument("--students", nargs="+", default=["tiny", "tenth"])
     p.add_argument("--folds", type=int, nargs="+", default=None, help="curves: only these CV folds")
+    p.add_argument("--refill", action="store_true",
+                   help="teachers: re-train recorded teachers whose cache file is missing, checking they reproduce")  # fmt: skip
     p.add_argument("--cached-only", action="store_true", help="curves: only blocks whose teacher is cached")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(

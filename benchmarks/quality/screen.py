@@ -28,6 +28,7 @@ import torch
 DATASETS = ["ItalyPowerDemand", "GunPoint", "ArrowHead"]
 IG = dict(saliency="integrated_gradients", saliency_options={"steps": 8})
 PROJECT = dict(IG, tsd_gradient="project")
+IG1U = {"sampling": "uniform", "steps": 1}
 CANDIDATES: dict[str, dict] = {
     "kd": dict(tsd_weight=0.0),
     "sum_w0.25": dict(IG, tsd_weight=0.25),
@@ -41,8 +42,18 @@ CANDIDATES: dict[str, dict] = {
     "dist_project_w1": dict(PROJECT, saliency_target="distribution", tsd_weight=1.0),
     "occlusion_w0.5": dict(saliency="occlusion", tsd_weight=0.5),
     "start0.5_project_w1": dict(PROJECT, tsd_start=0.5, tsd_weight=1.0),
-    "ig1u_project_w1": dict(PROJECT, saliency_options={"sampling": "uniform", "steps": 1}, tsd_weight=1.0),
+    "ig1u_project_w1": dict(PROJECT, saliency_options=IG1U, tsd_weight=1.0),
+    # Added by amendment 2 (selection.md): the cheap estimator on the other screened methods.
+    "ig1u_project_w0.5": dict(PROJECT, saliency_options=IG1U, tsd_weight=0.5),
+    "ig1u_balance_w0.3": dict(IG, tsd_gradient="balance", saliency_options=IG1U, tsd_weight=0.3),
 }
+# Amendment 2: the candidates screened from then on; the others are cut (their rows are reported, not carried).
+SCREENED = ["kd", "project_w0.5", "project_w1", "balance_w0.3", "ig1u_project_w0.5", "ig1u_project_w1",
+            "ig1u_balance_w0.3"]  # fmt: skip
+CUT = [c for c in CANDIDATES if c not in SCREENED]
+# The issue-10 pairs: (cheap estimator, its IG-8 counterpart).
+CHEAP_PAIRS = [("ig1u_project_w0.5", "project_w0.5"), ("ig1u_project_w1", "project_w1"),
+               ("ig1u_balance_w0.3", "balance_w0.3")]  # fmt: skip
 FIELDS = ["dataset", "split", "repeat", "fold", "student", "candidate", "steps", "student_params",
           "teacher_params", "n_val", "agreement", "ig_rho", "occ_rho", "fit_s", "cpu_ms_per_step"]  # fmt: skip
 KEY = ["dataset", "split", "student", "candidate", "steps"]
@@ -95,6 +106,25 @@ def run_candidate(name: str, teacher, init: dict, make, dm, ref, steps: int, see
     return dict(fit, **common.measure(student, ref))
 
 
+def claim(key: tuple[str, ...]) -> bool:
+    """Whether this process should run row ``key``: not in the CSV yet (re-read now) and not claimed by
+    another live process on this machine, so that several ``screen.py run`` processes can share the work."""
+    import os
+    import tempfile
+
+    if key in harness.done_keys(csv_path(), KEY):
+        return False
+    claims = Path(tempfile.gettempdir()) / "lightning_tsd_screen_claims"
+    claims.mkdir(exist_ok=True)
+    path = claims / ("__".join(key).replace("/", "_") + ".pid")
+    try:
+        os.kill(int(path.read_text()), 0)  # a live process holds it
+        return int(path.read_text()) == os.getpid()
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        path.write_text(str(os.getpid()))  # free or stale: take it (a race here costs one duplicate run)
+        return True
+
+
 def run_block(name: str, split: common.Split, sizes: list[str], args, done: set) -> None:
     """Every missing (student size, candidate) run of one block."""
     from lightning_tsd.models import count_parameters
@@ -113,6 +143,8 @@ def run_block(name: str, split: common.Split, sizes: list[str], args, done: set)
         init = common.make_student(size, dm, tp).state_dict()
         make = functools.partial(common.make_student, size, dm, tp)
         for cand in names:
+            if not claim((name, split.key, size, cand, str(steps))):
+                continue  # done meanwhile, or running in another process
             res = run_candidate(cand, teacher, init, make, dm, ref, steps, split.seed)
             if res is None:
                 continue
@@ -130,7 +162,7 @@ def cmd_run(args) -> None:
         for name in args.datasets:
             for fold in args.folds:
                 run_block(name, common.Split("cv", repeat, fold), args.students, args, done)
-                screen_report.write(csv_path(), list(CANDIDATES))
+                screen_report.write(csv_path(), list(CANDIDATES), CUT, CHEAP_PAIRS)
 
 
 def main() -> None:
@@ -140,7 +172,7 @@ def main() -> None:
     p.add_argument("--folds", type=int, nargs="+", default=list(range(common.CV_FOLDS)))
     p.add_argument("--datasets", nargs="+", default=DATASETS)
     p.add_argument("--students", nargs="+", default=["tiny", "tenth"])
-    p.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+    p.add_argument("--candidates", nargs="+", default=SCREENED, choices=list(CANDIDATES))
     p.add_argument("--steps", type=int, default=None, help="student steps (default: regime.py's KD curves)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
@@ -154,7 +186,7 @@ def main() -> None:
         args.candidates = ["kd"] + args.candidates
     if args.command == "run":
         cmd_run(args)
-    screen_report.write(csv_path(), list(CANDIDATES))
+    screen_report.write(csv_path(), list(CANDIDATES), CUT, CHEAP_PAIRS)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def _fmt(ci: tuple[float, float, float]) -> str:
     return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]" if lo == lo else f"{mean:+.3f}"
 
 
-def pooled_lines(deltas: dict, candidates: list[str], rows: list[dict]) -> list[str]:
+def pooled_lines(deltas: dict, candidates: list[str], rows: list[dict], cut: list[str]) -> list[str]:
     cost = defaultdict(list)
     for r in rows:
         cost[(r["student"], r["candidate"])].append(float(r["cpu_ms_per_step"]))
@@ -77,15 +77,17 @@ def pooled_lines(deltas: dict, candidates: list[str], rows: list[dict]) -> list[
         table = {c: stats(deltas[(size, c)]) for c in candidates if (size, c) in deltas}
         if not table:
             continue
-        n_min = min(s["n"] for s in table.values())
+        live = {c: s for c, s in table.items() if c not in cut}
+        n_min = min((s["n"] for s in live.values()), default=0)
         complete = n_min >= SCREEN_MIN_BLOCKS
-        keep = carried(table) if complete else []
+        keep = carried(live) if complete else []
         out = []
         for c, s in table.items():
             ms = cost[(size, c)]
+            decision = "cut (amendment 2)" if c in cut else "**carried**" if c in keep else ""
             out.append([f"`{c}`", s["n"], _fmt(s["agreement"]), _fmt(s["ig_rho"]), _fmt(s["occ_rho"]),
                         f"{final_conditions(s)}/4", "yes" if screen_pass(s) else "no",
-                        sum(ms) / len(ms), "**carried**" if c in keep else ""])  # fmt: skip
+                        sum(ms) / len(ms), decision])  # fmt: skip
         kd_ms = cost[(size, "kd")]
         lines += [f"### Student `{size}`", "",
                   f"KD's CPU time per step: {sum(kd_ms) / max(1, len(kd_ms)):.1f} ms (screen rows; not the speed benchmark).", "",
@@ -96,6 +98,32 @@ def pooled_lines(deltas: dict, candidates: list[str], rows: list[dict]) -> list[
                        f"**Partial**: {n_min} of the {SCREEN_MIN_BLOCKS} blocks the screening decision needs; nothing is "
                        "carried yet."), ""]  # fmt: skip
     return lines
+
+
+def cheap_lines(rows: list[dict], pairs: list[tuple[str, str]]) -> list[str]:
+    """Issue 10: each cheap variant minus its IG-8 counterpart, paired over the blocks where both ran; a
+    metric passes when the mean difference is >= -1 standard error of that mean."""
+    by_block = defaultdict(dict)
+    for r in rows:
+        by_block[(r["dataset"], r["split"], r["student"], r["steps"])][r["candidate"]] = r
+    out = []
+    for size in SIZES:
+        for cheap, full in pairs:
+            diffs = {m: [float(v[cheap][m]) - float(v[full][m]) for k, v in by_block.items()
+                         if k[2] == size and cheap in v and full in v] for m in METRICS}  # fmt: skip
+            n = len(diffs["agreement"])
+            if n == 0:
+                continue
+            cells, ok = [], []
+            for m in METRICS:
+                mean = sum(diffs[m]) / n
+                se = math.sqrt(sum((d - mean) ** 2 for d in diffs[m]) / (n - 1) / n) if n > 1 else math.nan
+                cells.append(f"{mean:+.3f} (se {se:.3f})" if n > 1 else f"{mean:+.3f}")
+                ok.append(n > 1 and mean >= -se)
+            verdict = "within 1 se or better" if all(ok) else "not within 1 se" if n > 1 else "one block"
+            out.append([size, f"`{cheap}` - `{full}`", n, *cells, verdict])
+    return harness.markdown_table(out, ["student", "pair", "blocks", "diff agreement", "diff IG-rho",
+                                        "diff occ-rho", "issue 10 (partial until the screen is complete)"])  # fmt: skip
 
 
 def per_dataset_lines(deltas: dict, candidates: list[str]) -> list[str]:
@@ -141,7 +169,9 @@ def steps_lines(results: Path) -> list[str]:
     return [line, ""]
 
 
-def write(csv_path: Path, candidates: list[str]) -> None:
+def write(
+    csv_path: Path, candidates: list[str], cut: list[str] = (), pairs: list[tuple[str, str]] = ()
+) -> None:
     rows = harness.read_rows(csv_path)
     if not rows:
         return
@@ -162,7 +192,13 @@ def write(csv_path: Path, candidates: list[str]) -> None:
         *steps_lines(csv_path.parent),
         "## Pooled paired deltas vs kd",
         "",
-        *pooled_lines(deltas, [c for c in candidates if c != "kd"], rows),
+        *pooled_lines(deltas, [c for c in candidates if c != "kd"], rows, list(cut)),
+        "## Cheap estimator vs IG-8 (issue 10)",
+        "",
+        "Each cheap variant minus its IG-8 counterpart on the same blocks (mean, standard error of the mean).",
+        "",
+        *cheap_lines(rows, list(pairs)),
+        "",
         "## KD itself",
         "",
         *kd_lines(rows),
