@@ -160,14 +160,18 @@ def tenth_filters(dm, teacher_params: int) -> int:
 
 
 def make_student(size: str, dm, teacher_params: int) -> torch.nn.Module:
-    """``size="tiny"``: NarrowFCN (8 filters); ``size="tenth"``: FCN at ~1/10 of the teacher's parameters."""
-    from lightning_tsd.models import FCN, NarrowFCN
+    """``size="tiny"``: NarrowFCN (8 filters); ``size="tenth"``: FCN at ~1/10 of the teacher's parameters;
+    ``size="gru"``: the recurrent student of issue 9, the package's GRUClassifier at its defaults (hidden 32,
+    one layer, mean pooling; ~3.4k parameters for one channel)."""
+    from lightning_tsd.models import FCN, GRUClassifier, NarrowFCN
 
     if size == "tiny":
         return NarrowFCN(dm.in_channels, dm.num_classes)
     if size == "tenth":
         return FCN(dm.in_channels, dm.num_classes, tenth_filters(dm, teacher_params))
-    raise ValueError(f"student size must be 'tiny' or 'tenth', got {size!r}")
+    if size == "gru":
+        return GRUClassifier(dm.in_channels, dm.num_classes)
+    raise ValueError(f"student size must be 'tiny', 'tenth' or 'gru', got {size!r}")
 
 
 def distiller(teacher, student, options: dict):

@@ -232,7 +232,7 @@ def cmd_report(args) -> None:
         "",
         *_curve_table(),
         "",
-        f"Chosen step counts so far: tiny {steps['tiny']}, tenth {steps['tenth']}.",
+        "Chosen step counts so far: " + ", ".join(f"{k} {v}" for k, v in steps.items()) + ".",
         "",
         *_status_lines(),
     ]

@@ -55,8 +55,10 @@ CUT = [c for c in CANDIDATES if c not in SCREENED]
 CHEAP_PAIRS = [("ig1u_project_w0.5", "project_w0.5"), ("ig1u_project_w1", "project_w1"),
                ("ig1u_balance_w0.3", "balance_w0.3")]  # fmt: skip
 FIELDS = ["dataset", "split", "repeat", "fold", "student", "candidate", "steps", "student_params",
-          "teacher_params", "n_val", "agreement", "ig_rho", "occ_rho", "fit_s", "cpu_ms_per_step"]  # fmt: skip
-KEY = ["dataset", "split", "student", "candidate", "steps"]
+          "teacher_params", "n_val", "agreement", "ig_rho", "occ_rho", "fit_s", "cpu_ms_per_step", "run"]  # fmt: skip
+KEY = ["dataset", "split", "student", "candidate", "steps", "run"]
+# Rows written before the "run" column (session 3, 2026-12-03, on an Intel Xeon; teacher files since lost).
+OLD_RUN = "session 3 (Intel Xeon; teacher not kept)"
 
 
 def csv_path() -> Path:
@@ -106,6 +108,19 @@ def run_candidate(name: str, teacher, init: dict, make, dm, ref, steps: int, see
     return dict(fit, **common.measure(student, ref))
 
 
+def run_id(teacher) -> str:
+    """Which machine and teacher a row comes from: the CPU model and a hash of the teacher's weights. Fits
+    are deterministic on one machine but not across CPUs (a re-trained teacher can differ), so rows pair
+    with ``kd`` only within one run id, and a block re-run elsewhere does not mix with its old rows."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(teacher.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return f"{harness.cpu_model()}; teacher {h.hexdigest()[:12]}"
+
+
 def claim(key: tuple[str, ...]) -> bool:
     """Whether this process should run row ``key``: not in the CSV yet (re-read now) and not claimed by
     another live process on this machine, so that several ``screen.py run`` processes can share the work."""
@@ -129,12 +144,13 @@ def run_block(name: str, split: common.Split, sizes: list[str], args, done: set)
     """Every missing (student size, candidate) run of one block."""
     from lightning_tsd.models import count_parameters
 
-    todo = {s: [c for c in args.candidates if (name, split.key, s, c, str(steps_for(s, args.steps))) not in done]
+    dm = common.datamodule(name, split)
+    teacher, _ = common.get_teacher(name, split, dm)
+    run = run_id(teacher)
+    todo = {s: [c for c in args.candidates if (name, split.key, s, c, str(steps_for(s, args.steps)), run) not in done]
             for s in sizes}  # fmt: skip
     if not any(todo.values()):
         return
-    dm = common.datamodule(name, split)
-    teacher, _ = common.get_teacher(name, split, dm)
     ref = common.reference(teacher, common.eval_loader(dm, split))
     tp = count_parameters(teacher)
     for size, names in todo.items():
@@ -143,15 +159,15 @@ def run_block(name: str, split: common.Split, sizes: list[str], args, done: set)
         init = common.make_student(size, dm, tp).state_dict()
         make = functools.partial(common.make_student, size, dm, tp)
         for cand in names:
-            if not claim((name, split.key, size, cand, str(steps))):
+            if not claim((name, split.key, size, cand, str(steps), run)):
                 continue  # done meanwhile, or running in another process
             res = run_candidate(cand, teacher, init, make, dm, ref, steps, split.seed)
             if res is None:
                 continue
             row = dict(dataset=name, split=split.key, repeat=split.seed, fold=split.fold, student=size,
                        candidate=cand, steps=steps, student_params=count_parameters(make()), teacher_params=tp,
-                       n_val=sum(len(b["y"]) for b in ref.batches), **res)  # fmt: skip
-            harness.append_row(csv_path(), row, FIELDS)
+                       n_val=sum(len(b["y"]) for b in ref.batches), run=run, **res)  # fmt: skip
+            harness.append_row(csv_path(), row, FIELDS, defaults={"run": OLD_RUN})
             print(f"{name} {split.key} {size} {cand:20s} agree {res['agreement']:.3f} IG-rho {res['ig_rho']:.3f} "
                   f"occ-rho {res['occ_rho']:.3f} ({res['fit_s']:.0f}s)", flush=True)  # fmt: skip
 

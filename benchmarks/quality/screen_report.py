@@ -11,18 +11,33 @@ import common
 import harness
 
 METRICS = ["agreement", "ig_rho", "occ_rho"]
-SIZES = ["tiny", "tenth"]
+SIZES = ["tiny", "tenth", "gru"]
 SCREEN_DATASETS = 3
 SCREEN_MIN_BLOCKS = SCREEN_DATASETS * common.CV_FOLDS  # repeat 0 complete on the three screen datasets
 
 
+def blocks(rows: list[dict]) -> dict[tuple[str, str, str, str], dict[str, dict]]:
+    """``{(dataset, split, student, steps): {candidate: row}}``, each block from its latest run only (the
+    ``run`` column: machine and teacher; rows of an earlier run of the block are superseded, not pooled)."""
+    latest: dict = {}
+    for r in rows:
+        latest[(r["dataset"], r["split"], r["student"], r["steps"])] = r.get("run", "")
+    out: dict = defaultdict(dict)
+    for r in rows:
+        key = (r["dataset"], r["split"], r["student"], r["steps"])
+        if r.get("run", "") == latest[key]:
+            out[key][r["candidate"]] = r
+    return out
+
+
+def superseded(rows: list[dict]) -> int:
+    return len(rows) - sum(len(v) for v in blocks(rows).values())
+
+
 def paired_deltas(rows: list[dict]) -> dict[tuple[str, str], dict[str, list[tuple[str, float]]]]:
     """``{(size, candidate): {metric: [(dataset, delta), ...]}}`` over blocks where both it and kd ran."""
-    by_block = defaultdict(dict)
-    for r in rows:
-        by_block[(r["dataset"], r["split"], r["student"], r["steps"])][r["candidate"]] = r
     out: dict = defaultdict(lambda: defaultdict(list))
-    for (dataset, _, size, _), runs in by_block.items():
+    for (dataset, _, size, _), runs in blocks(rows).items():
         kd = runs.get("kd")
         for cand, r in runs.items():
             if kd is None or cand == "kd":
@@ -103,9 +118,7 @@ def pooled_lines(deltas: dict, candidates: list[str], rows: list[dict], cut: lis
 def cheap_lines(rows: list[dict], pairs: list[tuple[str, str]]) -> list[str]:
     """Issue 10: each cheap variant minus its IG-8 counterpart, paired over the blocks where both ran; a
     metric passes when the mean difference is >= -1 standard error of that mean."""
-    by_block = defaultdict(dict)
-    for r in rows:
-        by_block[(r["dataset"], r["split"], r["student"], r["steps"])][r["candidate"]] = r
+    by_block = blocks(rows)
     out = []
     for size in SIZES:
         for cheap, full in pairs:
@@ -175,6 +188,8 @@ def write(
     rows = harness.read_rows(csv_path)
     if not rows:
         return
+    n_old = superseded(rows)
+    rows = [r for block in blocks(rows).values() for r in block.values()]  # the latest run of each block
     deltas = paired_deltas(rows)
     env = harness.environment()
     lines = [
@@ -190,6 +205,9 @@ def write(
         "steps; occ-rho: captum Occlusion, windows of T/10; both Spearman over time vs the teacher's map.",
         "",
         *steps_lines(csv_path.parent),
+        f"Rows superseded by a later run of their block (another machine or teacher; the `run` column): "
+        f"{n_old}; they are kept in the CSV and not pooled.",
+        "",
         "## Pooled paired deltas vs kd",
         "",
         *pooled_lines(deltas, [c for c in candidates if c != "kd"], rows, list(cut)),
