@@ -92,9 +92,9 @@ class BadBatchGuard:
         """
         flags = value_flags(b, num_classes)
         flags["loss"] = torch.isfinite(loss.detach()).all()
-        buffers = [torch.isfinite(t).all() for t, _ in snapshot or () if t.is_floating_point()]
-        if buffers:
-            flags["buffers"] = torch.stack(buffers).all()
+        buffers = [t.flatten() for t, _ in snapshot or () if t.is_floating_point()]
+        if buffers:  # one check over all of them (cat promotes mixed float dtypes, which keeps finiteness)
+            flags["buffers"] = torch.isfinite(torch.cat(buffers)).all()
         if all_cached is not None:
             flags["cache"] = all_cached
         ok = dict(zip(flags, torch.stack(list(flags.values())).tolist(), strict=True))  # the one host read

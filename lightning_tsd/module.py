@@ -161,10 +161,8 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
             if isinstance(teacher_cache, TeacherCache)
             else (TeacherCache() if teacher_cache else None)
         )
-        options, teacher_opts = (
-            saliency_options or {},
-            teacher_options(saliency_options, teacher_saliency_options),
-        )
+        options = saliency_options or {}
+        teacher_opts = teacher_options(saliency_options, teacher_saliency_options)
         self.source = TeacherSource(self.teacher, saliency, teacher_opts, saliency_target, cache)
         self.tsd = TemporalSaliencyLoss(
             saliency,
@@ -194,9 +192,8 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
         _compat.refuse_unsupported(
             self.trainer.strategy, self.student if self.hparams.tsd_weight > 0 else None
         )
-        strategy = (
-            self.trainer.strategy
-        )  # setup runs before fit(ckpt_path=...) reads the file: check it first
+        # setup runs before fit(ckpt_path=...) reads the file: check it first
+        strategy = self.trainer.strategy
         if not isinstance(strategy.checkpoint_io, CheckedCheckpointIO):
             strategy.checkpoint_io = CheckedCheckpointIO(strategy.checkpoint_io)
 
@@ -287,7 +284,8 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
         base = weighted_sum(
             {k: v for k, v in parts.items() if k != "tsd"}, {"ce": hp.ce_weight, "kd": hp.kd_weight}
         )
-        params = [p for p in self.student.parameters() if p.requires_grad]
+        separate = hp.tsd_gradient != "sum" and "tsd" in parts  # only then are the gradients taken apart
+        params = [p for p in self.student.parameters() if p.requires_grad] if separate else []
         return combined_loss(base, parts.get("tsd"), weight, hp.tsd_gradient, params, student_logits)
 
     def _step_generator(self, device: torch.device) -> torch.Generator | None:

@@ -198,9 +198,9 @@ class TeacherSource:
         hit, logits, saliency = self.cache.get(index, x)
         if with_saliency and logits is not None and saliency is None:
             hit, logits = torch.zeros_like(hit), None  # cached before saliency was needed: recompute
-        miss = ~hit
-        if logits is not None and not bool(miss.any()):
+        if logits is not None and bool(hit.all()):
             return TeacherOutputs(logits, self._unflatten(saliency, shape) if with_saliency else None)
+        miss = ~hit
         live = self.live(
             x[miss], None if y is None else y[miss], None if mask is None else mask[miss], with_saliency
         )

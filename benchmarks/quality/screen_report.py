@@ -179,6 +179,11 @@ def steps_lines(results: Path) -> list[str]:
     line += f"curves in `regime_curves.csv` now: {now}."
     if frozen and any(now.get(k) not in (None, v) for k, v in frozen.items()):
         line += " **They differ: per the 2026-12-03 amendment, restart the screen at the new count.**"
+    elif frozen:
+        line += (
+            " On 2026-12-03 (session 4) the ArrowHead curves completed the three screen datasets and the rule"
+            " moved both counts from 1750 / 1250 to 3000; the screen restarted at 3000, per the amendment."
+        )
     return [line, ""]
 
 
@@ -188,8 +193,14 @@ def write(
     rows = harness.read_rows(csv_path)
     if not rows:
         return
-    n_old = superseded(rows)
-    rows = [r for block in blocks(rows).values() for r in block.values()]  # the latest run of each block
+    import json
+
+    steps_file = csv_path.parent / "screen_steps.json"
+    frozen = json.loads(steps_file.read_text()) if steps_file.exists() else {}
+    current = [r for r in rows if str(frozen.get(r["student"], r["steps"])) == r["steps"]]
+    n_steps = len(rows) - len(current)  # rows at an earlier frozen step count (the amendment's restart)
+    n_old = superseded(current)
+    rows = [r for block in blocks(current).values() for r in block.values()]  # the latest run of each block
     deltas = paired_deltas(rows)
     env = harness.environment()
     lines = [
@@ -205,8 +216,9 @@ def write(
         "steps; occ-rho: captum Occlusion, windows of T/10; both Spearman over time vs the teacher's map.",
         "",
         *steps_lines(csv_path.parent),
-        f"Rows superseded by a later run of their block (another machine or teacher; the `run` column): "
-        f"{n_old}; they are kept in the CSV and not pooled.",
+        f"Rows kept in the CSV and not pooled: {n_steps} at an earlier step count (the screen restarted at the "
+        f"count above), {n_old} superseded by a later run of their block (another machine or teacher; the `run` "
+        "column).",
         "",
         "## Pooled paired deltas vs kd",
         "",
