@@ -238,6 +238,7 @@ class TeacherSource:
                 )
             self.outputs(b.x, b.y, b.mask, b.index, with_saliency=with_saliency)
         self.cache.mark_synced()
+        self._misses = 0  # filled before the fit: a first epoch served from it makes the source complete
         return len(self.cache)
 
     def _map_shape(self, x: Tensor) -> tuple[int, ...] | None:

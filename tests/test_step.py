@@ -346,6 +346,23 @@ def test_teacher_source_serves_the_cache_without_the_teacher():
     assert bool(complete.all_cached)
 
 
+def test_a_precomputed_cache_is_complete_after_one_epoch_served_from_it():
+    from lightning_tsd._batch import Batch
+
+    teacher = TinyCNN(1, 3).eval()
+    source = TeacherSource(teacher, "gradient", cache=TeacherCache())
+    x, index = torch.randn(6, 1, 10), torch.arange(6)
+    assert source.precompute([Batch(x, None, None, index)]) == 6
+    source.outputs(x, index=index)  # the fit's first epoch: every sample a hit (checked, not yet trusted)
+    source.end_epoch()
+    assert source.complete  # the precompute's own fills are not misses of the fit
+    partial = TeacherSource(teacher, "gradient", cache=TeacherCache())
+    partial.precompute([Batch(x[:3], None, None, index[:3])])
+    partial.outputs(x, index=index)  # half of the first epoch is not in the cache
+    partial.end_epoch()
+    assert not partial.complete
+
+
 def test_uniform_sampling_is_seeded_per_step_and_the_teacher_stays_deterministic():
     options = {"steps": 1, "sampling": "uniform"}
     model = distiller(tsd_weight=1.0, saliency="integrated_gradients", saliency_options=options)

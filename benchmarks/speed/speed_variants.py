@@ -39,6 +39,7 @@ ESTIMATORS: dict[str, tuple[str, dict]] = {
     "ig8": ("integrated_gradients", {"steps": 8, "internal_batch_size": "all"}),
     "ig8_chunked": ("integrated_gradients", {"steps": 8}),
     "ig1_mid": ("integrated_gradients", {"steps": 1}),
+    "ig1_uniform": ("integrated_gradients", {"steps": 1, "sampling": "uniform"}),
     "ig2_uniform": ("integrated_gradients", {"steps": 2, "sampling": "uniform"}),
     "occlusion": ("occlusion", {"window": "T/10", "stride": "T/20"}),
 }
@@ -152,8 +153,6 @@ def pkg(s: Setup, cache: bool, **kwargs) -> Step:
     d = d.to(s.device).train()
     opt = d.configure_optimizers()
     batch = s.batch
-    if cache:
-        d.precompute_teacher_cache([batch])
 
     def step() -> None:
         loss = d.training_step(batch, 0)
@@ -161,6 +160,11 @@ def pkg(s: Setup, cache: bool, **kwargs) -> Step:
         loss.backward()
         opt.step()
 
+    if cache:  # the steady state of a fit: the cache filled, then one epoch served from it (complete)
+        d.precompute_teacher_cache([batch])
+        step()
+        d.source.end_epoch()
+        assert d.source.complete, "the cached step should be in the complete-cache state"
     return step
 
 
