@@ -30,14 +30,17 @@ def main(out_dir: str, devices: int, methods: list[str]) -> None:
     torch.set_num_threads(1)
     for method in methods:
         torch.manual_seed(0)
-        teacher = TinyCNN(1, 3).eval()
+        # "ensemble": two teachers (the log of their mean probability), gradient saliency
+        teacher = (
+            [TinyCNN(1, 3).eval(), TinyCNN(1, 3).eval()] if method == "ensemble" else TinyCNN(1, 3).eval()
+        )
         # No BatchNorm in the student: its batch statistics would differ between 2 x 8 and 1 x 16 samples.
         student = TinyCNN(1, 3, width=4, batchnorm=False)
         options = {"window": 4, "stride": 4} if method == "occlusion" else None
         model = TemporalSaliencyDistiller(
             teacher,
             student,
-            saliency=method,
+            saliency="gradient" if method == "ensemble" else method,
             saliency_options=options,
             ce_weight=0.0,
             kd_weight=0.0,

@@ -12,7 +12,13 @@ import pytest
 import torch
 from tiny_models import TinyCNN
 
-METHODS = ["gradient", "input_x_gradient", "integrated_gradients", "occlusion"]
+METHODS = [
+    "gradient",
+    "input_x_gradient",
+    "integrated_gradients",
+    "occlusion",
+    "ensemble",
+]  # ensemble: 2 teachers
 SCRIPT = Path(__file__).with_name("ddp_fit.py")
 
 
@@ -29,10 +35,11 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
             timeout=240,
         )
         assert result.returncode == 0, result.stderr[-3000:]
-    torch.manual_seed(0)
-    TinyCNN(1, 3)  # same draws as the script: the teacher first
-    initial = TinyCNN(1, 3, width=4, batchnorm=False).state_dict()
     for method in METHODS:
+        torch.manual_seed(0)
+        for _ in range(2 if method == "ensemble" else 1):
+            TinyCNN(1, 3)  # same draws as the script: the teacher(s) first
+        initial = TinyCNN(1, 3, width=4, batchnorm=False).state_dict()
         rank0 = torch.load(tmp_path / f"{method}-devices2-rank0.pt", weights_only=True)
         rank1 = torch.load(tmp_path / f"{method}-devices2-rank1.pt", weights_only=True)
         single = torch.load(tmp_path / f"{method}-devices1-rank0.pt", weights_only=True)
