@@ -139,6 +139,25 @@ def append_row(
         )
 
 
+def claim(csv_path: Path, key_fields: Sequence[str], key: tuple[str, ...], name: str) -> bool:
+    """Whether this process should run row ``key``: not in ``csv_path`` yet (re-read now) and not claimed by
+    another live process on this machine (a pid file in the temp folder ``lightning_tsd_<name>_claims``), so
+    that several processes of one benchmark can share its rows."""
+    import tempfile
+
+    if key in done_keys(csv_path, key_fields):
+        return False
+    claims = Path(tempfile.gettempdir()) / f"lightning_tsd_{name}_claims"
+    claims.mkdir(exist_ok=True)
+    path = claims / ("__".join(key).replace("/", "_").replace(" ", "_") + ".pid")
+    try:
+        os.kill(int(path.read_text()), 0)  # a live process holds it
+        return int(path.read_text()) == os.getpid()
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        path.write_text(str(os.getpid()))  # free or stale: take it (a race here costs one duplicate run)
+        return True
+
+
 # ----------------------------------------------------------------------------- tables and plots
 def markdown_table(
     rows: Sequence[Mapping[str, Any] | Sequence[Any]], columns: Sequence[str], *, digits: int = 3

@@ -278,3 +278,38 @@ def mean_ci(values: list[float]) -> tuple[float, float, float]:
 
     half = float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
     return float(x.mean()), float(x.mean()) - half, float(x.mean()) + half
+
+
+def format_ci(ci: tuple[float, float, float]) -> str:
+    """``mean [lo, hi]`` of :func:`mean_ci` (the mean alone when there is no interval)."""
+    mean, lo, hi = ci
+    return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]" if lo == lo else f"{mean:+.3f}"
+
+
+def latest_runs(rows: list[dict], block, member, run) -> dict:
+    """``{block(row): {member(row): row}}``, each block from its latest run only: ``run(row)`` of the block's
+    last row in the CSV. Rows of an earlier run of a block (another machine, teacher or step count) are
+    superseded, never pooled with the new ones."""
+    from collections import defaultdict
+
+    latest = {block(r): run(r) for r in rows}
+    out: dict = defaultdict(dict)
+    for r in rows:
+        if run(r) == latest[block(r)]:
+            out[block(r)][member(r)] = r
+    return out
+
+
+# ----------------------------------------------------------------------------- command lines
+def add_run_options(p) -> None:
+    """The ``--threads`` and ``--smoke`` options of the screen and test-split scripts."""
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--smoke", type=Path, default=None, help="smoke test: tiny teachers, everything in this folder"
+    )
+
+
+def apply_run_options(args) -> None:
+    torch.set_num_threads(args.threads)
+    if args.smoke:
+        smoke(args.smoke)

@@ -57,25 +57,6 @@ def variant_options(variant: str, candidate: str) -> dict:
     return dict(options, base_loss=base) if base != "kd" else options
 
 
-def claim(key: tuple[str, ...]) -> bool:
-    """Whether this process should run row ``key``: not in the CSV yet (re-read now) and not claimed by
-    another live process on this machine (as ``screen.claim``, in a folder of its own)."""
-    import os
-    import tempfile
-
-    if key in harness.done_keys(csv_path(), KEY):
-        return False
-    claims = Path(tempfile.gettempdir()) / "lightning_tsd_final_claims"
-    claims.mkdir(exist_ok=True)
-    path = claims / ("__".join(key).replace("/", "_").replace(" ", "_") + ".pid")
-    try:
-        os.kill(int(path.read_text()), 0)  # a live process holds it
-        return int(path.read_text()) == os.getpid()
-    except (FileNotFoundError, ValueError, ProcessLookupError):
-        path.write_text(str(os.getpid()))  # free or stale: take it (a race here costs one duplicate run)
-        return True
-
-
 def run_variant(ctx: dict, init: dict, make, steps: int, options: dict) -> dict | None:
     """Fit one variant from the shared initialisation and batch order, and measure it on the test split
     (None, with a message, when the installed package lacks an option)."""
@@ -105,7 +86,8 @@ def run_student(ctx: dict, size: str, args) -> None:
     for variant, (base, _) in VARIANTS.items():
         if base == "dkd" and ctx["dm"].num_classes == 2:
             continue  # with two classes DKD is KD (no non-target distribution): its rows would repeat kd's
-        if not claim((name, str(split.seed), size, args.candidate, variant, str(steps), run)):
+        key = (name, str(split.seed), size, args.candidate, variant, str(steps), run)
+        if not harness.claim(csv_path(), KEY, key, "final"):
             continue  # done meanwhile, or running in another process
         options = variant_options(variant, args.candidate)
         res = run_variant(ctx, init, make, steps, options)
@@ -157,14 +139,9 @@ def main() -> None:
     p.add_argument(
         "--steps", type=int, default=None, help="student steps (default: results/screen_steps.json)"
     )
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument(
-        "--smoke", type=Path, default=None, help="smoke test: tiny teachers, everything in this folder"
-    )
+    common.add_run_options(p)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.smoke:
-        common.smoke(args.smoke)
+    common.apply_run_options(args)
     if args.command == "run":
         if args.candidate is None:
             p.error("run needs --candidate")

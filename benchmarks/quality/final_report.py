@@ -27,12 +27,7 @@ def _block(r: dict) -> tuple[str, str, str, int]:
 def blocks(rows: list[dict]) -> dict[tuple[str, str, str, int], dict[str, dict]]:
     """``{(candidate, student, dataset, seed): {variant: row}}``, each from its latest run only (the ``run``
     column and step count of its last row; rows of an earlier run are superseded, not pooled)."""
-    latest = {_block(r): (r["run"], r["steps"]) for r in rows}
-    out: dict = defaultdict(dict)
-    for r in rows:
-        if (r["run"], r["steps"]) == latest[_block(r)]:
-            out[_block(r)][r["variant"]] = r
-    return out
+    return common.latest_runs(rows, _block, lambda r: r["variant"], lambda r: (r["run"], r["steps"]))
 
 
 def deltas(by_block: dict) -> dict[tuple[str, str, str], list[tuple[str, dict[str, float]]]]:
@@ -45,11 +40,6 @@ def deltas(by_block: dict) -> dict[tuple[str, str, str], list[tuple[str, dict[st
             if a is not None and b is not None:
                 out[(cand, size, base)].append((dataset, {m: float(a[m]) - float(b[m]) for m in METRICS}))
     return out
-
-
-def _fmt(ci: tuple[float, float, float]) -> str:
-    mean, lo, hi = ci
-    return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]" if lo == lo else f"{mean:+.3f}"
 
 
 def _wtl(vals: list[float]) -> str:
@@ -77,7 +67,7 @@ def pooled_lines(dd: dict, cand: str, size: str) -> list[str]:
     for base in BASES:
         pairs = dd.get((cand, size, base), [])
         if pairs:
-            cis = [_fmt(common.mean_ci([x[m] for _, x in pairs])) for m in METRICS]
+            cis = [common.format_ci(common.mean_ci([x[m] for _, x in pairs])) for m in METRICS]
             out.append([f"`{base}+C` − `{base}`", len(pairs), *cis])
     return harness.markdown_table(out, ["comparison", "pairs", *[f"d {NAMES[m]} [95% CI]" for m in METRICS]])
 

@@ -121,25 +121,6 @@ def run_id(teacher) -> str:
     return f"{harness.cpu_model()}; teacher {h.hexdigest()[:12]}"
 
 
-def claim(key: tuple[str, ...]) -> bool:
-    """Whether this process should run row ``key``: not in the CSV yet (re-read now) and not claimed by
-    another live process on this machine, so that several ``screen.py run`` processes can share the work."""
-    import os
-    import tempfile
-
-    if key in harness.done_keys(csv_path(), KEY):
-        return False
-    claims = Path(tempfile.gettempdir()) / "lightning_tsd_screen_claims"
-    claims.mkdir(exist_ok=True)
-    path = claims / ("__".join(key).replace("/", "_") + ".pid")
-    try:
-        os.kill(int(path.read_text()), 0)  # a live process holds it
-        return int(path.read_text()) == os.getpid()
-    except (FileNotFoundError, ValueError, ProcessLookupError):
-        path.write_text(str(os.getpid()))  # free or stale: take it (a race here costs one duplicate run)
-        return True
-
-
 def run_block(name: str, split: common.Split, sizes: list[str], args, done: set) -> None:
     """Every missing (student size, candidate) run of one block."""
     from lightning_tsd.models import count_parameters
@@ -159,7 +140,7 @@ def run_block(name: str, split: common.Split, sizes: list[str], args, done: set)
         init = common.make_student(size, dm, tp).state_dict()
         make = functools.partial(common.make_student, size, dm, tp)
         for cand in names:
-            if not claim((name, split.key, size, cand, str(steps), run)):
+            if not harness.claim(csv_path(), KEY, (name, split.key, size, cand, str(steps), run), "screen"):
                 continue  # done meanwhile, or running in another process
             res = run_candidate(cand, teacher, init, make, dm, ref, steps, split.seed)
             if res is None:
@@ -190,14 +171,9 @@ def main() -> None:
     p.add_argument("--students", nargs="+", default=["tiny", "tenth"])
     p.add_argument("--candidates", nargs="+", default=SCREENED, choices=list(CANDIDATES))
     p.add_argument("--steps", type=int, default=None, help="student steps (default: regime.py's KD curves)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument(
-        "--smoke", type=Path, default=None, help="smoke test: tiny teachers, everything in this folder"
-    )
+    common.add_run_options(p)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.smoke:
-        common.smoke(args.smoke)
+    common.apply_run_options(args)
     if "kd" not in args.candidates:
         args.candidates = ["kd"] + args.candidates
     if args.command == "run":

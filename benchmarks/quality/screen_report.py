@@ -19,19 +19,8 @@ SCREEN_MIN_BLOCKS = SCREEN_DATASETS * common.CV_FOLDS  # repeat 0 complete on th
 def blocks(rows: list[dict]) -> dict[tuple[str, str, str, str], dict[str, dict]]:
     """``{(dataset, split, student, steps): {candidate: row}}``, each block from its latest run only (the
     ``run`` column: machine and teacher; rows of an earlier run of the block are superseded, not pooled)."""
-    latest: dict = {}
-    for r in rows:
-        latest[(r["dataset"], r["split"], r["student"], r["steps"])] = r.get("run", "")
-    out: dict = defaultdict(dict)
-    for r in rows:
-        key = (r["dataset"], r["split"], r["student"], r["steps"])
-        if r.get("run", "") == latest[key]:
-            out[key][r["candidate"]] = r
-    return out
-
-
-def superseded(rows: list[dict]) -> int:
-    return len(rows) - sum(len(v) for v in blocks(rows).values())
+    return common.latest_runs(rows, lambda r: (r["dataset"], r["split"], r["student"], r["steps"]),
+                              lambda r: r["candidate"], lambda r: r.get("run", ""))  # fmt: skip
 
 
 def paired_deltas(rows: list[dict]) -> dict[tuple[str, str], dict[str, list[tuple[str, float]]]]:
@@ -78,11 +67,6 @@ def carried(table: dict[str, dict]) -> list[str]:
     return passed + rest[: max(0, 3 - len(passed))]
 
 
-def _fmt(ci: tuple[float, float, float]) -> str:
-    mean, lo, hi = ci
-    return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]" if lo == lo else f"{mean:+.3f}"
-
-
 def pooled_lines(deltas: dict, candidates: list[str], rows: list[dict], cut: list[str]) -> list[str]:
     cost = defaultdict(list)
     for r in rows:
@@ -100,7 +84,7 @@ def pooled_lines(deltas: dict, candidates: list[str], rows: list[dict], cut: lis
         for c, s in table.items():
             ms = cost[(size, c)]
             decision = "cut (amendment 2)" if c in cut else "**carried**" if c in keep else ""
-            out.append([f"`{c}`", s["n"], _fmt(s["agreement"]), _fmt(s["ig_rho"]), _fmt(s["occ_rho"]),
+            out.append([f"`{c}`", s["n"], common.format_ci(s["agreement"]), common.format_ci(s["ig_rho"]), common.format_ci(s["occ_rho"]),
                         f"{final_conditions(s)}/4", "yes" if screen_pass(s) else "no",
                         sum(ms) / len(ms), decision])  # fmt: skip
         kd_ms = cost[(size, "kd")]
@@ -199,8 +183,8 @@ def write(
     frozen = json.loads(steps_file.read_text()) if steps_file.exists() else {}
     current = [r for r in rows if str(frozen.get(r["student"], r["steps"])) == r["steps"]]
     n_steps = len(rows) - len(current)  # rows at an earlier frozen step count (the amendment's restart)
-    n_old = superseded(current)
     rows = [r for block in blocks(current).values() for r in block.values()]  # the latest run of each block
+    n_old = len(current) - len(rows)
     deltas = paired_deltas(rows)
     env = harness.environment()
     lines = [
