@@ -58,18 +58,29 @@ def splits(kind: str, seeds: list[int], folds: list[int] | None = None) -> list[
 
 
 def cmd_teachers(args) -> None:
-    rows = {(r["dataset"], r["split"]): r for r in harness.read_rows(common.RESULTS / "regime_teachers.csv")}
     for split in splits(args.split, args.seeds):
         for name in args.datasets:
-            if (name, split.key) in rows:
-                if args.refill and not common.teacher_path(name, split).exists():
-                    _refill(name, split, rows[(name, split.key)])
-                continue
-            dm = common.datamodule(name, split)
-            _, info = common.get_teacher(name, split, dm)
-            harness.append_row(common.RESULTS / "regime_teachers.csv", info, TEACHER_FIELDS)
-            print(f"teacher {name} {split.key}: {args.split} acc {info['eval_acc']:.3f} (train "
-                  f"{info['train_acc']:.3f}, {info['epochs']} epochs, {info['fit_s']:.0f}s)", flush=True)  # fmt: skip
+            record_teacher(name, split, refill=args.refill)
+
+
+def record_teacher(name: str, split: common.Split, refill: bool = False) -> bool:
+    """Train (or find) the teacher of ``(name, split)`` and record its row in ``regime_teachers.csv``; False
+    when another process on this machine is training it now (``harness.claim``), True otherwise.
+    ``refill``: re-train a recorded teacher whose cache file is gone."""
+    path = common.RESULTS / "regime_teachers.csv"
+    rows = {(r["dataset"], r["split"]): r for r in harness.read_rows(path)}
+    if (name, split.key) in rows:
+        if refill and not common.teacher_path(name, split).exists():
+            _refill(name, split, rows[(name, split.key)])
+        return True
+    if not harness.claim(path, ["dataset", "split"], (name, split.key), "teachers"):
+        return (name, split.key) in {(r["dataset"], r["split"]) for r in harness.read_rows(path)}
+    dm = common.datamodule(name, split)
+    _, info = common.get_teacher(name, split, dm)
+    harness.append_row(path, info, TEACHER_FIELDS)
+    print(f"teacher {name} {split.key}: {split.kind} acc {info['eval_acc']:.3f} (train "
+          f"{info['train_acc']:.3f}, {info['epochs']} epochs, {info['fit_s']:.0f}s)", flush=True)  # fmt: skip
+    return True
 
 
 def _refill(name: str, split: common.Split, row: dict) -> None:

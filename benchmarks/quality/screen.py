@@ -121,26 +121,35 @@ def run_id(teacher) -> str:
     return f"{harness.cpu_model()}; teacher {h.hexdigest()[:12]}"
 
 
-def run_block(name: str, split: common.Split, sizes: list[str], args, done: set) -> None:
-    """Every missing (student size, candidate) run of one block."""
+def run_block(
+    name: str,
+    split: common.Split,
+    todo: dict[str, list[str]],
+    fixed_steps: int | None,
+    done: set,
+    csv: Path | None = None,
+) -> None:
+    """Every missing run of one block: ``todo`` maps a student size to its candidates; rows go to ``csv``
+    (default: the screen's), and a row in ``done`` (keys of ``KEY``) is skipped."""
     from lightning_tsd.models import count_parameters
 
+    csv = csv or csv_path()
     dm = common.datamodule(name, split)
     teacher, _ = common.get_teacher(name, split, dm)
     run = run_id(teacher)
-    todo = {s: [c for c in args.candidates if (name, split.key, s, c, str(steps_for(s, args.steps)), run) not in done]
-            for s in sizes}  # fmt: skip
+    todo = {s: [c for c in cands if (name, split.key, s, c, str(steps_for(s, fixed_steps)), run) not in done]
+            for s, cands in todo.items()}  # fmt: skip
     if not any(todo.values()):
         return
     ref = common.reference(teacher, common.eval_loader(dm, split))
     tp = count_parameters(teacher)
     for size, names in todo.items():
-        steps = steps_for(size, args.steps)
+        steps = steps_for(size, fixed_steps)
         torch.manual_seed(1000 * split.seed + split.fold)
         init = common.make_student(size, dm, tp).state_dict()
         make = functools.partial(common.make_student, size, dm, tp)
         for cand in names:
-            if not harness.claim(csv_path(), KEY, (name, split.key, size, cand, str(steps), run), "screen"):
+            if not harness.claim(csv, KEY, (name, split.key, size, cand, str(steps), run), csv.stem):
                 continue  # done meanwhile, or running in another process
             res = run_candidate(cand, teacher, init, make, dm, ref, steps, split.seed)
             if res is None:
@@ -148,7 +157,7 @@ def run_block(name: str, split: common.Split, sizes: list[str], args, done: set)
             row = dict(dataset=name, split=split.key, repeat=split.seed, fold=split.fold, student=size,
                        candidate=cand, steps=steps, student_params=count_parameters(make()), teacher_params=tp,
                        n_val=sum(len(b["y"]) for b in ref.batches), run=run, **res)  # fmt: skip
-            harness.append_row(csv_path(), row, FIELDS, defaults={"run": OLD_RUN})
+            harness.append_row(csv, row, FIELDS, defaults={"run": OLD_RUN})
             print(f"{name} {split.key} {size} {cand:20s} agree {res['agreement']:.3f} IG-rho {res['ig_rho']:.3f} "
                   f"occ-rho {res['occ_rho']:.3f} ({res['fit_s']:.0f}s)", flush=True)  # fmt: skip
 
@@ -158,7 +167,8 @@ def cmd_run(args) -> None:
     for repeat in args.repeats:
         for name in args.datasets:
             for fold in args.folds:
-                run_block(name, common.Split("cv", repeat, fold), args.students, args, done)
+                todo = {size: list(args.candidates) for size in args.students}
+                run_block(name, common.Split("cv", repeat, fold), todo, args.steps, done)
                 screen_report.write(csv_path(), list(CANDIDATES), CUT, CHEAP_PAIRS)
 
 

@@ -67,19 +67,27 @@ def carried(table: dict[str, dict]) -> list[str]:
     return passed + rest[: max(0, 3 - len(passed))]
 
 
-def pooled_lines(deltas: dict, candidates: list[str], rows: list[dict], cut: list[str]) -> list[str]:
-    cost = defaultdict(list)
-    for r in rows:
-        cost[(r["student"], r["candidate"])].append(float(r["cpu_ms_per_step"]))
-    lines = []
+def decisions(deltas: dict, candidates: list[str], cut: list[str]) -> dict[str, tuple[dict, int, list[str]]]:
+    """Per student size: ``(stats per candidate, the fewest blocks of a screened candidate, carried)``;
+    nothing is carried until every screened candidate has the blocks the decision needs."""
+    out = {}
     for size in SIZES:
         table = {c: stats(deltas[(size, c)]) for c in candidates if (size, c) in deltas}
         if not table:
             continue
         live = {c: s for c, s in table.items() if c not in cut}
         n_min = min((s["n"] for s in live.values()), default=0)
+        out[size] = (table, n_min, carried(live) if n_min >= SCREEN_MIN_BLOCKS else [])
+    return out
+
+
+def pooled_lines(deltas: dict, candidates: list[str], rows: list[dict], cut: list[str]) -> list[str]:
+    cost = defaultdict(list)
+    for r in rows:
+        cost[(r["student"], r["candidate"])].append(float(r["cpu_ms_per_step"]))
+    lines = []
+    for size, (table, n_min, keep) in decisions(deltas, candidates, cut).items():
         complete = n_min >= SCREEN_MIN_BLOCKS
-        keep = carried(live) if complete else []
         out = []
         for c, s in table.items():
             ms = cost[(size, c)]
@@ -171,20 +179,35 @@ def steps_lines(results: Path) -> list[str]:
     return [line, ""]
 
 
-def write(
-    csv_path: Path, candidates: list[str], cut: list[str] = (), pairs: list[tuple[str, str]] = ()
-) -> None:
-    rows = harness.read_rows(csv_path)
-    if not rows:
-        return
+def pooled_rows(csv_path: Path) -> tuple[list[dict], int, int]:
+    """The rows the screen pools (at the frozen step count, each block's latest run), and how many rows
+    were left out for an earlier step count and for an earlier run of their block."""
     import json
 
+    rows = harness.read_rows(csv_path)
     steps_file = csv_path.parent / "screen_steps.json"
     frozen = json.loads(steps_file.read_text()) if steps_file.exists() else {}
     current = [r for r in rows if str(frozen.get(r["student"], r["steps"])) == r["steps"]]
-    n_steps = len(rows) - len(current)  # rows at an earlier frozen step count (the amendment's restart)
-    rows = [r for block in blocks(current).values() for r in block.values()]  # the latest run of each block
-    n_old = len(current) - len(rows)
+    pooled = [r for block in blocks(current).values() for r in block.values()]  # the latest run of each block
+    return pooled, len(rows) - len(current), len(current) - len(pooled)
+
+
+def carried_by_size(csv_path: Path, candidates: list[str], cut: list[str]) -> dict[str, list[str]]:
+    """The screening decision: the candidates carried per student size (empty while it is partial)."""
+    rows, _, _ = pooled_rows(csv_path)
+    deltas = paired_deltas(rows)
+    return {
+        size: keep
+        for size, (_, _, keep) in decisions(deltas, [c for c in candidates if c != "kd"], cut).items()
+    }
+
+
+def write(
+    csv_path: Path, candidates: list[str], cut: list[str] = (), pairs: list[tuple[str, str]] = ()
+) -> None:
+    rows, n_steps, n_old = pooled_rows(csv_path)
+    if not rows:
+        return
     deltas = paired_deltas(rows)
     env = harness.environment()
     lines = [
