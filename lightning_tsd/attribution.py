@@ -17,7 +17,7 @@ These are the maps of :func:`lightning_tsd.saliency.temporal_saliency` for the s
 (the perturbation maps are signed, the gradient maps are not). The defaults suit evaluation:
 ``steps=50``; ``window`` a tenth of ``T`` and ``stride`` half the window. Models run in eval mode
 (every submodule's own ``training`` flag is restored), under
-:func:`~lightning_tsd.saliency.saliency_kernels`, with gradients on and out of inference mode, so the
+:func:`~lightning_tsd.kernels.saliency_kernels`, with gradients on and out of inference mode, so the
 functions work inside Lightning's validation and test loops. Plain torch and captum: no Lightning.
 
 Example:
@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_tsd._batch import Batch, as_bct, call_model, check_mask, unpack_batch
-from lightning_tsd.saliency import saliency_kernels, unwrap_compiled
+from lightning_tsd.kernels import saliency_kernels, unwrap_compiled
 
 CAPTUM_METHODS = {
     "gradient": "Saliency",

@@ -6,23 +6,23 @@ so a student's cross-entropy and its saliency share one graph) and a map ``(B, T
 ``create_graph=True`` the map is differentiable in the model's parameters (double backward); without it,
 no parameter gradient is ever built. Inputs are ``(B, C, T)``; the mask is ``(B, T)`` bool, True on real
 steps, and padded steps get saliency 0. Kernels without a double backward are avoided inside
-:func:`saliency_kernels`. Built-in estimators also take ``check_target``: False skips the host-side
+:func:`~lightning_tsd.kernels.saliency_kernels`. Built-in estimators also take ``check_target``: False skips the host-side
 check of a given target's class range (a device sync), for callers that checked it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import numbers
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_tsd._batch import as_bct, call_model, check_mask
+from lightning_tsd.kernels import batchnorm_eval, saliency_kernels, train_mode_batchnorms, unwrap_compiled
 
 Estimator = Callable[..., tuple[Tensor, Tensor]]
 ESTIMATORS: dict[str, Estimator] = {}
@@ -36,54 +36,6 @@ def _register(name: str) -> Callable[[Estimator], Estimator]:
     return wrap
 
 
-@contextlib.contextmanager
-def saliency_kernels(device: torch.device | str) -> Iterator[None]:
-    """Select kernels that support double backward, for the saliency forward only: attention on the math
-    backend (the CPU flash kernel has no double backward), cuDNN off (cuDNN RNNs have no double backward,
-    nor any backward in eval mode), autocast off (fp16 input gradients underflow and the inner
-    ``autograd.grad`` is not loss-scaled: maps are fp32).
-
-    Example:
-        >>> with saliency_kernels("cpu"):
-        ...     pass
-    """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    device_type = torch.device(device).type
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
-        if device_type == "cuda":
-            stack.enter_context(torch.backends.cudnn.flags(enabled=False))
-        if device_type in ("cuda", "cpu"):
-            stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
-        yield
-
-
-def unwrap_compiled(model: nn.Module) -> nn.Module:
-    """Return the original module behind ``torch.compile`` (compiled graphs refuse double backward).
-
-    The original module shares its parameters with the compiled one, so training it trains both.
-    """
-    return getattr(model, "_orig_mod", model)
-
-
-def _train_mode_batchnorms(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-
-
-@contextlib.contextmanager
-def _batchnorm_eval(model: nn.Module) -> Iterator[None]:
-    """Put train-mode BatchNorm layers in eval mode (running statistics, no update) for a while."""
-    layers = _train_mode_batchnorms(model)
-    for m in layers:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m in layers:
-            m.train()
-
-
 def _forward_with_perturbations(
     model: nn.Module, x: Tensor, perturbed: Tensor, mask: Tensor | None
 ) -> tuple[Tensor, Tensor]:
@@ -95,9 +47,9 @@ def _forward_with_perturbations(
     """
     repeats = perturbed.shape[0] // x.shape[0]
     perturbed_mask = None if mask is None else mask.repeat(repeats, 1)
-    if _train_mode_batchnorms(model):
+    if train_mode_batchnorms(model):
         logits = call_model(model, x, mask)
-        with _batchnorm_eval(model):
+        with batchnorm_eval(model):
             return logits, call_model(model, perturbed, perturbed_mask)
     both_mask = None if mask is None else torch.cat([mask, mask.repeat(repeats, 1)])
     logits = call_model(model, torch.cat([x, perturbed]), both_mask)
@@ -196,7 +148,7 @@ def _ig_mean_gradient_chunked(
     batch = x.shape[0]
     flat_alphas = alphas.reshape(-1)
     total = torch.zeros_like(x)
-    with _batchnorm_eval(model):  # interpolants never enter train-mode BatchNorm statistics
+    with batchnorm_eval(model):  # interpolants never enter train-mode BatchNorm statistics
         for start in range(0, flat_alphas.shape[0], chunk):
             rows = torch.arange(start, min(start + chunk, flat_alphas.shape[0]), device=x.device) % batch
             scaled = (flat_alphas[start : start + chunk].view(-1, 1, 1) * x[rows]).requires_grad_(True)
