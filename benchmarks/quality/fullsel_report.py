@@ -4,6 +4,7 @@ the default it picks once every run candidate has all its blocks."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import common
@@ -29,7 +30,15 @@ def costs(rows: list[dict]) -> dict[tuple[str, str], float]:
     return {k: sum(v) / len(v) for k, v in acc.items()}
 
 
-def decide(tables: dict[str, dict[str, dict]], cost: dict) -> list[str]:
+def ratios(rows: list[dict]) -> dict[str, float]:
+    """Mean student/teacher parameter ratio of each student size over the selection's rows."""
+    acc: dict = {}
+    for r in rows:
+        acc.setdefault(r["student"], []).append(float(r["student_params"]) / float(r["teacher_params"]))
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+def decide(tables: dict[str, dict[str, dict]], cost: dict, ratio: dict[str, float]) -> list[str]:
     """The selection rule's outcome as lines (``tables``: per size, the complete candidates' stats)."""
     qual = {size: [c for c, s in t.items() if qualifies(s)] for size, t in tables.items()}
     both = set.intersection(*(set(q) for q in qual.values())) if len(qual) > 1 else set()
@@ -50,8 +59,12 @@ def decide(tables: dict[str, dict[str, dict]], cost: dict) -> list[str]:
             pick = max(t, key=lambda c, t=t: (screen_report.final_conditions(t[c]), t[c]["agreement"][1]))
             lines.append(f"- `{size}`: nothing qualifies; the best candidate is `{pick}` "
                          f"({screen_report.final_conditions(t[pick])}/4 conditions).")  # fmt: skip
-    return ["No single candidate qualifies for both sizes: per size (the default then depends on the "
-            "student/teacher parameter ratio, or the README says which condition failed):", "", *lines]  # fmt: skip
+    if len(tables) == 2 and all(qual.values()):
+        switch = math.sqrt(math.prod(ratio[size] for size in tables))
+        lines.append(f"- The default depends on the student/teacher parameter ratio, switching at {switch:.4f} "
+                     f"(geometric mean of {', '.join(f'{k} {v:.4f}' for k, v in ratio.items() if k in tables)}).")  # fmt: skip
+    return ["No single candidate qualifies for both sizes: per size (where nothing qualifies, the README says "
+            "which condition failed, with the numbers):", "", *lines]  # fmt: skip
 
 
 def write(rows: list[dict], carried: dict[str, list[str]], out: Path) -> None:
@@ -110,7 +123,7 @@ def write(rows: list[dict], carried: dict[str, list[str]], out: Path) -> None:
             f"**Partial**: not every run candidate has its {N_BLOCKS} blocks; no default is chosen yet."
         )
     else:
-        lines += decide(ready, cost)
+        lines += decide(ready, cost, ratios(rows))
         cheap_both = set.intersection(*(
             {c for c, s in t.items() if c.startswith("ig1u_") and qualifies(s)} for t in ready.values()))  # fmt: skip
         if not cheap_both and any(c not in t for size, t in ready.items() for c in carried.get(size, [])):
