@@ -6,7 +6,8 @@ The screen's rows of those blocks (repeat 0 of its three datasets) are reused; t
 ``results/fullsel.csv`` (resumable; several processes share the work: rows and teachers are claimed).
 Candidates with the cheap estimator (``ig1u_*``) run first; the IG-8 carried candidates only with ``--ig8``,
 which amendment 3 calls for only when no single cheap candidate qualifies for both sizes (the report says
-whether it does). ``report`` writes ``results/fullsel.md`` with the selection rule's outcome.
+whether it does), or at once for a size where no carried cheap candidate passes issue 10's comparison
+(amendment 4: only a passing one is eligible for the default). ``report`` writes ``results/fullsel.md`` with the selection rule's outcome.
 
 Usage::
 
@@ -46,11 +47,22 @@ def is_cheap(candidate: str) -> bool:
     return candidate.startswith("ig1u_")
 
 
+def eligible() -> dict[tuple[str, str], bool]:
+    """Amendment 4: ``(size, cheap candidate)`` -> whether it passes issue 10's comparison on the screen."""
+    return screen_report.cheap_gate(screen.csv_path(), screen.CHEAP_PAIRS)
+
+
 def todo(ig8: bool) -> dict[str, list[str]]:
-    """Per student size: ``kd`` and the carried candidates to run (the IG-8 ones only with ``ig8``)."""
-    return {
-        size: ["kd"] + [c for c in keep if ig8 or is_cheap(c)] for size, keep in carried().items() if keep
-    }
+    """Per student size: ``kd`` and the carried candidates to run. The IG-8 ones only with ``ig8``
+    (amendment 3), or at once for a size where no carried cheap candidate is eligible (amendment 4)."""
+    gate = eligible()
+    plan = {}
+    for size, keep in carried().items():
+        if not keep:
+            continue
+        now = ig8 or not any(is_cheap(c) and gate.get((size, c), False) for c in keep)
+        plan[size] = ["kd"] + [c for c in keep if is_cheap(c)] + [c for c in keep if now and not is_cheap(c)]
+    return plan
 
 
 def selection_rows() -> list[dict]:
@@ -81,7 +93,7 @@ def cmd_run(args) -> None:
                     csv_path(), screen.KEY
                 )
                 screen.run_block(name, split, plan, args.steps, done, csv_path())
-                fullsel_report.write(selection_rows(), carried(), fullsel_report_path())
+                fullsel_report.write(selection_rows(), carried(), eligible(), fullsel_report_path())
 
 
 def fullsel_report_path() -> Path:
@@ -109,7 +121,7 @@ def main() -> None:
     common.apply_run_options(args)
     if args.command == "run":
         cmd_run(args)
-    fullsel_report.write(selection_rows(), carried(), fullsel_report_path())
+    fullsel_report.write(selection_rows(), carried(), eligible(), fullsel_report_path())
 
 
 if __name__ == "__main__":

@@ -67,7 +67,9 @@ def decide(tables: dict[str, dict[str, dict]], cost: dict, ratio: dict[str, floa
             "which condition failed, with the numbers):", "", *lines]  # fmt: skip
 
 
-def write(rows: list[dict], carried: dict[str, list[str]], out: Path) -> None:
+def write(
+    rows: list[dict], carried: dict[str, list[str]], gate: dict[tuple[str, str], bool], out: Path
+) -> None:
     deltas = screen_report.paired_deltas(rows)
     cost = costs(rows)
     env = harness.environment()
@@ -82,7 +84,8 @@ def write(rows: list[dict], carried: dict[str, list[str]], out: Path) -> None:
         "those 9 blocks, which favours them). Paired deltas vs `kd` as in `screen.md`; 95% t-intervals over "
         "blocks. Cost: process CPU ms per student step, mean over the rows (the rule's stand-in: the speed "
         "benchmark measures estimators, not the update rules). IG-8 candidates run only when amendment 3 "
-        "calls for them.",
+        "calls for them; a cheap (`ig1u_*`) candidate that fails issue 10's comparison on the screen "
+        "(`screen.md`) is reported but not eligible for the default (amendment 4).",
         "",
         f"Carried by the screen: {carried or 'nothing yet (the screen is partial)'}.",
         "",
@@ -106,12 +109,15 @@ def write(rows: list[dict], carried: dict[str, list[str]], out: Path) -> None:
             s = screen_report.stats(deltas[(size, c)])
             datasets = len({d for d, _ in deltas[(size, c)]["agreement"]})
             done = s["n"] >= N_BLOCKS
-            complete[size][c] = s if done else None
-            pending |= not done
+            ok = not c.startswith("ig1u_") or gate.get((size, c), False)  # amendment 4
+            if ok:
+                complete[size][c] = s if done else None
+                pending |= not done
             body.append([f"`{c}`", f"{s['n']} ({datasets} datasets)", common.format_ci(s["agreement"]),
                          common.format_ci(s["ig_rho"]), common.format_ci(s["occ_rho"]),
                          f"{screen_report.final_conditions(s)}/4", "yes" if qualifies(s) else "no",
-                         cost.get((size, c), float("nan")), "" if done else "partial"])  # fmt: skip
+                         cost.get((size, c), float("nan")),
+                         "; ".join(x for x in ("" if done else "partial", "" if ok else "not eligible (issue 10)") if x)])  # fmt: skip
         lines += [f"## Student `{size}`", "", f"KD: {cost.get((size, 'kd'), float('nan')):.1f} CPU ms per step.", "",
                   *harness.markdown_table(body, ["candidate", "blocks", "d agreement [95% CI]", "d IG-rho [95% CI]",
                                                  "d occ-rho [95% CI]", "conditions met", "qualifies",
@@ -126,7 +132,12 @@ def write(rows: list[dict], carried: dict[str, list[str]], out: Path) -> None:
         lines += decide(ready, cost, ratios(rows))
         cheap_both = set.intersection(*(
             {c for c, s in t.items() if c.startswith("ig1u_") and qualifies(s)} for t in ready.values()))  # fmt: skip
-        if not cheap_both and any(c not in t for size, t in ready.items() for c in carried.get(size, [])):
+        # ready holds eligible candidates only (amendment 4)
+        if not cheap_both and any(
+            c not in t and not c.startswith("ig1u_")
+            for size, t in ready.items()
+            for c in carried.get(size, [])
+        ):
             lines += ["", "No single cheap candidate qualifies for both sizes: amendment 3 calls for the IG-8 "
                       "carried candidates (`fullsel.py run --ig8`) before the decision is final."]  # fmt: skip
     lines += ["", "## Per dataset (mean paired delta over blocks)", "",
