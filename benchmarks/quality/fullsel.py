@@ -12,6 +12,7 @@ whether it does), or at once for a size where no carried cheap candidate passes 
 Usage::
 
     python benchmarks/quality/fullsel.py run [--datasets ...] [--ig8]
+    python benchmarks/quality/fullsel.py teachers   # the blocks' teachers only (no decision needed)
     python benchmarks/quality/fullsel.py report
     python benchmarks/quality/fullsel.py run --smoke /tmp/fs --steps 20 --datasets GunPoint \
         --candidates ig1u_project_w0.5   # smoke test
@@ -75,6 +76,13 @@ def selection_rows() -> list[dict]:
     return [r for block in screen_report.blocks(rows).values() for r in block.values()]
 
 
+def cmd_teachers(args) -> None:
+    """Only the teachers of the selection's blocks (they need no screening decision; processes share them)."""
+    for name in args.datasets:
+        for repeat, fold in BLOCKS:
+            regime.record_teacher(name, common.Split("cv", repeat, fold))
+
+
 def cmd_run(args) -> None:
     plan = {size: ["kd"] + args.candidates for size in args.students} if args.candidates else todo(args.ig8)
     if not plan:
@@ -102,7 +110,7 @@ def fullsel_report_path() -> Path:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["run", "report"])
+    p.add_argument("command", choices=["run", "teachers", "report"])
     p.add_argument("--datasets", nargs="+", default=DATASETS)
     p.add_argument("--ig8", action="store_true", help="also the IG-8 carried candidates (amendment 3)")
     p.add_argument(
@@ -121,6 +129,8 @@ def main() -> None:
     common.apply_run_options(args)
     if args.command == "run":
         cmd_run(args)
+    if args.command == "teachers":
+        cmd_teachers(args)
     fullsel_report.write(selection_rows(), carried(), eligible(), fullsel_report_path())
 
 
