@@ -80,7 +80,19 @@ def cmd_teachers(args) -> None:
     """Only the teachers of the selection's blocks (they need no screening decision; processes share them)."""
     for name in args.datasets:
         for repeat, fold in BLOCKS:
-            regime.record_teacher(name, common.Split("cv", repeat, fold))
+            regime.record_teacher(name, common.Split("cv", repeat, fold), refill=True)
+
+
+def complete(name: str, split: common.Split, plan: dict[str, list[str]], steps: int | None) -> bool:
+    """Whether one run (one teacher) of ``(name, split)`` already has every row of ``plan``, in the
+    screen's or the selection's CSV; checked before the block's teacher is loaded or re-trained."""
+    rows = harness.read_rows(screen.csv_path()) + harness.read_rows(csv_path())
+    want = {(s, c, str(screen.steps_for(s, steps))) for s, cands in plan.items() for c in cands}
+    by_run: dict[str, set] = {}
+    for r in rows:
+        if (r["dataset"], r["split"]) == (name, split.key):
+            by_run.setdefault(r["run"], set()).add((r["student"], r["candidate"], r["steps"]))
+    return any(want <= have for have in by_run.values())
 
 
 def cmd_run(args) -> None:
@@ -94,7 +106,9 @@ def cmd_run(args) -> None:
         for name in args.datasets:
             for repeat, fold in BLOCKS:
                 split = common.Split("cv", repeat, fold)
-                if not regime.record_teacher(name, split):
+                if complete(name, split, plan, args.steps):
+                    continue  # e.g. the screen's blocks: their teachers need not be re-trained here
+                if not regime.record_teacher(name, split, refill=True):
                     print(f"{name} {split.key}: teacher being trained by another process; later", flush=True)
                     continue
                 done = harness.done_keys(screen.csv_path(), screen.KEY) | harness.done_keys(
