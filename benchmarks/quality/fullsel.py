@@ -83,15 +83,16 @@ def cmd_teachers(args) -> None:
             regime.record_teacher(name, common.Split("cv", repeat, fold), refill=True)
 
 
-def complete(name: str, split: common.Split, plan: dict[str, list[str]], steps: int | None) -> bool:
-    """Whether one run (one teacher) of ``(name, split)`` already has every row of ``plan``, in the
-    screen's or the selection's CSV; checked before the block's teacher is loaded or re-trained."""
-    rows = harness.read_rows(screen.csv_path()) + harness.read_rows(csv_path())
+def complete(
+    name: str, split: common.Split, plan: dict[str, list[str]], steps: int | None, done: set
+) -> bool:
+    """Whether one run (one teacher) of ``(name, split)`` already has every row of ``plan`` among ``done``
+    (keys of ``screen.KEY``); checked before the block's teacher is loaded or re-trained."""
     want = {(s, c, str(screen.steps_for(s, steps))) for s, cands in plan.items() for c in cands}
     by_run: dict[str, set] = {}
-    for r in rows:
-        if (r["dataset"], r["split"]) == (name, split.key):
-            by_run.setdefault(r["run"], set()).add((r["student"], r["candidate"], r["steps"]))
+    for dataset, key, student, candidate, n_steps, run in done:
+        if (dataset, key) == (name, split.key):
+            by_run.setdefault(run, set()).add((student, candidate, n_steps))
     return any(want <= have for have in by_run.values())
 
 
@@ -106,14 +107,14 @@ def cmd_run(args) -> None:
         for name in args.datasets:
             for repeat, fold in BLOCKS:
                 split = common.Split("cv", repeat, fold)
-                if complete(name, split, plan, args.steps):
+                done = harness.done_keys(screen.csv_path(), screen.KEY) | harness.done_keys(
+                    csv_path(), screen.KEY
+                )
+                if complete(name, split, plan, args.steps, done):
                     continue  # e.g. the screen's blocks: their teachers need not be re-trained here
                 if not regime.record_teacher(name, split, refill=True):
                     print(f"{name} {split.key}: teacher being trained by another process; later", flush=True)
                     continue
-                done = harness.done_keys(screen.csv_path(), screen.KEY) | harness.done_keys(
-                    csv_path(), screen.KEY
-                )
                 screen.run_block(name, split, plan, args.steps, done, csv_path())
                 fullsel_report.write(selection_rows(), carried(), eligible(), fullsel_report_path())
 

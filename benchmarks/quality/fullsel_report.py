@@ -84,8 +84,9 @@ def write(
         "those 9 blocks, which favours them). Paired deltas vs `kd` as in `screen.md`; 95% t-intervals over "
         "blocks. Cost: process CPU ms per student step, mean over the rows (the rule's stand-in: the speed "
         "benchmark measures estimators, not the update rules). IG-8 candidates run when amendment 3 calls "
-        "for them, or at once for a size with no eligible cheap candidate (amendment 4); a cheap (`ig1u_*`) candidate that fails issue 10's comparison on the screen "
-        "(`screen.md`) is reported but not eligible for the default (amendment 4).",
+        "for them, or at once for a size with no eligible cheap candidate (amendment 4); a cheap (`ig1u_*`) "
+        "candidate that fails issue 10's comparison on the screen (`screen.md`) is reported but not eligible "
+        "for the default (amendment 4).",
         "",
         f"Carried by the screen: {carried or 'nothing yet (the screen is partial)'}.",
         "",
