@@ -5,7 +5,7 @@ Per (dataset, seed) the teacher (cached, ``common.get_teacher``) is trained on t
 (``common.Split("full", seed)``, the regime recipe). Per student size, one initialisation and one batch order
 are shared by four variants: ``kd`` (tsd_weight 0), ``kd+C`` (the candidate's options), ``dkd``
 (``base_loss="dkd"``, tsd_weight 0) and ``dkd+C`` (the candidate's options with ``base_loss="dkd"``). The
-candidate is a key of ``screen.CANDIDATES`` or ``package-default`` (the distiller's own defaults). On
+candidate is a key of ``screen.ALL`` or ``package-default`` (the distiller's own defaults). On
 two-class datasets DKD equals KD (the non-target distribution has one class), so only ``kd`` and ``kd+C`` run.
 
 One CSV row per (dataset, seed, student, variant) in ``results/final.csv``; rows already there are skipped,
@@ -47,7 +47,7 @@ def csv_path() -> Path:
 
 def candidate_options(name: str) -> dict:
     """The distiller options of candidate ``name`` (``package-default``: none, the distiller's defaults)."""
-    return {} if name == PACKAGE_DEFAULT else dict(screen.CANDIDATES[name])
+    return {} if name == PACKAGE_DEFAULT else dict(screen.ALL[name])
 
 
 def variant_options(variant: str, candidate: str) -> dict:
@@ -132,7 +132,7 @@ def cmd_run(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["run", "report"])
-    p.add_argument("--candidate", default=None, choices=[*screen.CANDIDATES, PACKAGE_DEFAULT])
+    p.add_argument("--candidate", default=None, choices=[*screen.ALL, PACKAGE_DEFAULT])
     p.add_argument("--datasets", nargs="+", default=regime.DATASETS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--students", nargs="+", default=["tiny", "tenth"], choices=["tiny", "tenth", "gru"])

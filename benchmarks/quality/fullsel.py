@@ -1,21 +1,23 @@
-"""The full selection of issue 9 (rules: ``benchmarks/quality/selection.md``, 2026-12-03, amendments 2-3):
+"""The full selection of issue 9 (rules: ``benchmarks/quality/selection.md``, 2026-12-03, amendments 2-5):
 ``kd`` and the candidates the screen carried, per student size, on five CV blocks per dataset (repeat 0
 folds 0-2, repeat 1 folds 0-1) of the six regime datasets, with the screen's protocol and step counts.
 
 The screen's rows of those blocks (repeat 0 of its three datasets) are reused; the other rows go to
 ``results/fullsel.csv`` (resumable; several processes share the work: rows and teachers are claimed).
-Candidates with the cheap estimator (``ig1u_*``) run first; the IG-8 carried candidates only with ``--ig8``,
-which amendment 3 calls for only when no single cheap candidate qualifies for both sizes (the report says
-whether it does), or at once for a size where no carried cheap candidate passes issue 10's comparison
-(amendment 4: only a passing one is eligible for the default). ``report`` writes ``results/fullsel.md`` with the selection rule's outcome.
+Per size and block: ``kd``, the carried candidates with the cheap estimator on both maps (``ig1u_*``), the
+carried IG-8 ones (amendments 4-5: on every block), and on the 21 blocks outside the screen the
+student-side-cheap counterparts of the IG-8 ones (``ig1s_*``: student 1-sample IG, teacher IG-8; amendment 5).
+A cheap candidate is eligible for the default only where it passes issue 10's comparison with its IG-8
+counterpart (``ig1u_*`` on the screen's blocks, ``ig1s_*`` on the full selection's own). ``report`` writes
+``results/fullsel.md`` with the selection rule's outcome.
 
 Usage::
 
-    python benchmarks/quality/fullsel.py run [--datasets ...] [--ig8]
+    python benchmarks/quality/fullsel.py run [--datasets ...]
     python benchmarks/quality/fullsel.py teachers   # the blocks' teachers only (no decision needed)
     python benchmarks/quality/fullsel.py report
     python benchmarks/quality/fullsel.py run --smoke /tmp/fs --steps 20 --datasets GunPoint \
-        --candidates ig1u_project_w0.5   # smoke test
+        --candidates ig1s_project_w0.5   # smoke test
 """
 
 from __future__ import annotations
@@ -45,25 +47,60 @@ def carried() -> dict[str, list[str]]:
 
 
 def is_cheap(candidate: str) -> bool:
-    return candidate.startswith("ig1u_")
+    """A candidate with the 1-sample estimator: on both maps (``ig1u_*``) or the student's only (``ig1s_*``)."""
+    return candidate.startswith(("ig1u_", "ig1s_"))
 
 
-def eligible() -> dict[tuple[str, str], bool]:
-    """Amendment 4: ``(size, cheap candidate)`` -> whether it passes issue 10's comparison on the screen."""
-    return screen_report.cheap_gate(screen.csv_path(), screen.CHEAP_PAIRS)
+def student_side(candidate: str) -> str:
+    """Amendment 5: the student-side-cheap counterpart ``ig1s_X`` of an IG-8 candidate ``X``."""
+    return f"ig1s_{candidate}"
 
 
-def todo(ig8: bool) -> dict[str, list[str]]:
-    """Per student size: ``kd`` and the carried candidates to run. The IG-8 ones only with ``ig8``
-    (amendment 3), or at once for a size where no carried cheap candidate is eligible (amendment 4)."""
-    gate = eligible()
+def on_screen(name: str, repeat: int | str) -> bool:
+    """Whether a block of dataset ``name`` and CV repeat ``repeat`` is one of the screen's (repeat 0 of its
+    three datasets)."""
+    return name in screen.DATASETS and int(repeat) == 0
+
+
+def student_side_pairs(plan: dict[str, list[str]]) -> list[tuple[str, str]]:
+    """``(ig1s_X, X)`` for every IG-8 candidate ``X`` of the plan (issue 10's pairs of amendment 5)."""
+    return sorted({(c, c[len("ig1s_") :]) for cands in plan.values() for c in cands if c.startswith("ig1s_")})
+
+
+def off_screen_comparison(plan: dict[str, list[str]]) -> list[dict]:
+    """Issue 10's comparison of each ``ig1s_X`` with ``X`` over the full selection's blocks outside the
+    screen (amendment 5), as ``screen_report.cheap_comparison`` gives it."""
+    rows = [r for r in selection_rows() if not on_screen(r["dataset"], r["repeat"])]
+    return screen_report.cheap_comparison(rows, student_side_pairs(plan))
+
+
+def eligible(comparison: list[dict]) -> dict[tuple[str, str], bool]:
+    """``(size, cheap candidate)`` -> whether it passes issue 10's comparison: ``ig1u_*`` on the screen's
+    blocks (amendment 4), ``ig1s_*`` in ``comparison`` once the pair has all the blocks outside the screen
+    (amendment 5; until then not eligible)."""
+    gate = screen_report.cheap_gate(screen.csv_path(), screen.CHEAP_PAIRS)
+    for c in comparison:
+        gate[(c["size"], c["cheap"])] = c["passes"] and c["n"] >= fullsel_report.N_OFF_SCREEN
+    return gate
+
+
+def todo() -> dict[str, list[str]]:
+    """Per student size: ``kd``, the carried cheap candidates, the carried IG-8 ones and their student-side
+    counterparts (amendment 5; only on blocks outside the screen, see ``block_plan``)."""
     plan = {}
     for size, keep in carried().items():
         if not keep:
             continue
-        now = ig8 or not any(is_cheap(c) and gate.get((size, c), False) for c in keep)
-        plan[size] = ["kd"] + [c for c in keep if is_cheap(c)] + [c for c in keep if now and not is_cheap(c)]
+        ig8 = [c for c in keep if not is_cheap(c)]
+        plan[size] = ["kd"] + [c for c in keep if is_cheap(c)] + ig8 + [student_side(c) for c in ig8]
     return plan
+
+
+def block_plan(plan: dict[str, list[str]], name: str, split: common.Split) -> dict[str, list[str]]:
+    """``plan`` for one block: the ``ig1s_*`` candidates only outside the screen's blocks (amendment 5)."""
+    if not on_screen(name, split.seed):
+        return plan
+    return {size: [c for c in cands if not c.startswith("ig1s_")] for size, cands in plan.items()}
 
 
 def selection_rows() -> list[dict]:
@@ -97,7 +134,7 @@ def complete(
 
 
 def cmd_run(args) -> None:
-    plan = {size: ["kd"] + args.candidates for size in args.students} if args.candidates else todo(args.ig8)
+    plan = {size: ["kd"] + args.candidates for size in args.students} if args.candidates else todo()
     if not plan:
         raise SystemExit(
             "the screen has not carried anything yet (results/screen.md): nothing to select among"
@@ -107,27 +144,30 @@ def cmd_run(args) -> None:
         for name in args.datasets:
             for repeat, fold in BLOCKS:
                 split = common.Split("cv", repeat, fold)
+                here = block_plan(plan, name, split)
                 done = harness.done_keys(screen.csv_path(), screen.KEY) | harness.done_keys(
                     csv_path(), screen.KEY
                 )
-                if complete(name, split, plan, args.steps, done):
+                if complete(name, split, here, args.steps, done):
                     continue  # e.g. the screen's blocks: their teachers need not be re-trained here
                 if not regime.record_teacher(name, split, refill=True):
                     print(f"{name} {split.key}: teacher being trained by another process; later", flush=True)
                     continue
-                screen.run_block(name, split, plan, args.steps, done, csv_path())
-                fullsel_report.write(selection_rows(), carried(), eligible(), fullsel_report_path())
+                screen.run_block(name, split, here, args.steps, done, csv_path())
+                write_report()
 
 
-def fullsel_report_path() -> Path:
-    return common.RESULTS / "fullsel.md"
+def write_report() -> None:
+    comparison = off_screen_comparison(todo())
+    fullsel_report.write(
+        selection_rows(), carried(), eligible(comparison), comparison, common.RESULTS / "fullsel.md"
+    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["run", "teachers", "report"])
     p.add_argument("--datasets", nargs="+", default=DATASETS)
-    p.add_argument("--ig8", action="store_true", help="also the IG-8 carried candidates (amendment 3)")
     p.add_argument(
         "--steps", type=int, default=None, help="student steps (default: the screen's frozen counts)"
     )
@@ -135,7 +175,7 @@ def main() -> None:
         "--candidates",
         nargs="+",
         default=None,
-        choices=list(screen.CANDIDATES),
+        choices=list(screen.ALL),
         help="run these instead of the screen's decision (smoke tests; the report still follows it)",
     )
     p.add_argument("--students", nargs="+", default=["tiny", "tenth"], help="with --candidates")
@@ -146,7 +186,7 @@ def main() -> None:
         cmd_run(args)
     if args.command == "teachers":
         cmd_teachers(args)
-    fullsel_report.write(selection_rows(), carried(), eligible(), fullsel_report_path())
+    write_report()
 
 
 if __name__ == "__main__":

@@ -51,6 +51,14 @@ CANDIDATES: dict[str, dict] = {
 SCREENED = ["kd", "project_w0.5", "project_w1", "balance_w0.3", "ig1u_project_w0.5", "ig1u_project_w1",
             "ig1u_balance_w0.3"]  # fmt: skip
 CUT = [c for c in CANDIDATES if c not in SCREENED]
+# Amendment 5: the cheap estimator on the student side only (the teacher's maps stay IG-8); run by the full
+# selection on its non-screen blocks, not by the screen.
+IG1S = dict(saliency_options=IG1U, teacher_saliency_options={"steps": 8})
+STUDENT_SIDE = {
+    "ig1s_project_w0.5": dict(PROJECT, **IG1S, tsd_weight=0.5),
+    "ig1s_project_w1": dict(PROJECT, **IG1S, tsd_weight=1.0),
+}
+ALL = {**CANDIDATES, **STUDENT_SIDE}
 # The issue-10 pairs: (cheap estimator, its IG-8 counterpart).
 CHEAP_PAIRS = [("ig1u_project_w0.5", "project_w0.5"), ("ig1u_project_w1", "project_w1"),
                ("ig1u_balance_w0.3", "balance_w0.3")]  # fmt: skip
@@ -92,9 +100,9 @@ def steps_for(size: str, fixed: int | None) -> int:
 def build(teacher, student, name: str):
     """The distiller of candidate ``name``, or None (with a message) when the package lacks an option."""
     try:
-        return common.distiller(teacher, student, CANDIDATES[name])
+        return common.distiller(teacher, student, ALL[name])
     except (TypeError, ValueError) as err:
-        print(f"  skipped {name}: the installed package does not take {CANDIDATES[name]} ({err})", flush=True)
+        print(f"  skipped {name}: the installed package does not take {ALL[name]} ({err})", flush=True)
         return None
 
 

@@ -139,15 +139,20 @@ def cheap_gate(csv_path: Path, pairs: list[tuple[str, str]]) -> dict[tuple[str, 
 
 
 def cheap_lines(rows: list[dict], pairs: list[tuple[str, str]]) -> list[str]:
+    return comparison_lines(cheap_comparison(rows, pairs))
+
+
+def comparison_lines(comparison: list[dict]) -> list[str]:
+    """The Markdown table of ``cheap_comparison``'s result."""
     out = []
-    for c in cheap_comparison(rows, pairs):
+    for c in comparison:
         cells = [
             f"{mean:+.3f} (se {se:.3f})" if c["n"] > 1 else f"{mean:+.3f}" for mean, se in c["diffs"].values()
         ]
         verdict = "within 1 se or better" if c["passes"] else "not within 1 se" if c["n"] > 1 else "one block"
         out.append([c["size"], f"`{c['cheap']}` - `{c['full']}`", c["n"], *cells, verdict])
     return harness.markdown_table(out, ["student", "pair", "blocks", "diff agreement", "diff IG-rho",
-                                        "diff occ-rho", "issue 10 (amendment 4: a gate on the default)"])  # fmt: skip
+                                        "diff occ-rho", "issue 10 (a gate on the default: amendments 4-5)"])  # fmt: skip
 
 
 def per_dataset_lines(deltas: dict, candidates: list[str]) -> list[str]:
