@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from harness import Panel, line_plot, markdown_table
-from speed_variants import ESTIMATORS
+from speed_variants import ESTIMATORS, TEACHER_OPTIONS
 
 Res = dict[int, dict[int, dict[str, dict[str, float]]]]  # res[B][T][variant][measure]
 NUMERIC = {
@@ -247,7 +247,10 @@ def plot(path: Path, res: Res, t: str, default: str, floors: list[str]) -> bool:
 # ----------------------------------------------------------------------------- speed.md
 def setup_lines(env: dict, info: dict) -> list[str]:
     method, options = ESTIMATORS[info["default"]]
-    estimators = ", ".join(f"`{e}` = {m} {o}" for e, (m, o) in ESTIMATORS.items())
+    estimators = ", ".join(
+        f"`{e}` = {m} {o}" + (f" (teacher's maps: {TEACHER_OPTIONS[e]})" if e in TEACHER_OPTIONS else "")
+        for e, (m, o) in ESTIMATORS.items()
+    )
     return [
         "## Setup",
         "",

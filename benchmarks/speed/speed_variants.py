@@ -5,7 +5,8 @@ Variant names are ``kind`` or ``kind:estimator``:
 * ``kd_live_hand`` / ``kd_cached_hand``: hand-written KD (CE + KD, tau 4), teacher live (``no_grad``) or its
   logits precomputed; ``kd_live_pkg`` / ``kd_cached_pkg``: the package's ``training_step`` with ``tsd_weight=0``.
 * ``tsd_live_pkg:E`` / ``tsd_cached_pkg:E``: ``TemporalSaliencyDistiller.training_step`` with estimator ``E``
-  (``saliency`` and ``saliency_options`` as a dict; every other argument at its default), live teacher or
+  (``saliency`` and ``saliency_options`` as a dict, ``teacher_saliency_options`` where
+  :data:`TEACHER_OPTIONS` names ``E``; every other argument at its default), live teacher or
   ``teacher_cache=True`` (filled beforehand).
 * ``tsd_live_hand:E`` / ``tsd_cached_hand:E``: the hand-written floor of the same step.
 * ``tsd_live_loss:default``: the package's ``TemporalSaliencyLoss`` in a hand-written loop.
@@ -42,7 +43,11 @@ ESTIMATORS: dict[str, tuple[str, dict]] = {
     "ig1_uniform": ("integrated_gradients", {"steps": 1, "sampling": "uniform"}),
     "ig2_uniform": ("integrated_gradients", {"steps": 2, "sampling": "uniform"}),
     "occlusion": ("occlusion", {"window": "T/10", "stride": "T/20"}),
+    # The student's 1-sample IG with the teacher's maps at IG-8 (selection.md, amendment 5: ig1s_*).
+    "ig1_uniform_t8": ("integrated_gradients", {"steps": 1, "sampling": "uniform"}),
 }
+# Estimators whose teacher maps take other options than the student's (``teacher_saliency_options``).
+TEACHER_OPTIONS: dict[str, dict] = {"ig1_uniform_t8": {"steps": 8}}
 
 
 def distiller_defaults() -> dict:
@@ -230,6 +235,8 @@ def make_variants(
         method, options = ESTIMATORS[label]
         opts = resolve_options(options, B, T, s.device)
         tsd = {"saliency": method, "saliency_options": opts}
+        if label in TEACHER_OPTIONS:
+            tsd["teacher_saliency_options"] = TEACHER_OPTIONS[label]
         steps[f"tsd_live_pkg:{label}"] = pkg(s, False, **tsd)
         steps[f"tsd_cached_pkg:{label}"] = pkg(s, True, **tsd)
         if label in floors:
