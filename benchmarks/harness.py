@@ -139,13 +139,14 @@ def append_row(
         )
 
 
-def claim(csv_path: Path, key_fields: Sequence[str], key: tuple[str, ...], name: str) -> bool:
-    """Whether this process should run row ``key``: not in ``csv_path`` yet (re-read now) and not claimed by
-    another live process on this machine (a pid file in the temp folder ``lightning_tsd_<name>_claims``), so
-    that several processes of one benchmark can share its rows."""
+def claim(csv_path: Path | None, key_fields: Sequence[str], key: tuple[str, ...], name: str) -> bool:
+    """Whether this process should run row ``key``: not in ``csv_path`` yet (re-read now; ``None``: no CSV
+    to check, e.g. a job whose row already exists and is rewritten) and not claimed by another live process
+    on this machine (a pid file in the temp folder ``lightning_tsd_<name>_claims``), so that several
+    processes of one benchmark can share its rows."""
     import tempfile
 
-    if key in done_keys(csv_path, key_fields):
+    if csv_path is not None and key in done_keys(csv_path, key_fields):
         return False
     claims = Path(tempfile.gettempdir()) / f"lightning_tsd_{name}_claims"
     claims.mkdir(exist_ok=True)
