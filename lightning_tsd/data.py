@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_tsd._series import pad, series_list, sorted_classes, stratified_fold, stratified_split, znorm
+
 BUNDLED_DATASETS: tuple[str, ...] = (
     "ACSF1",
     "ArrowHead",
@@ -114,64 +116,6 @@ class IndexedDataset(Dataset):
         if mask is not None:
             out["mask"] = torch.as_tensor(mask, dtype=torch.bool)
         return out
-
-
-def _series_list(x: ArrayLike) -> list[np.ndarray]:
-    """Split ``(N, C, T)``, ``(N, T)`` or a list of ``(C, T_i)``/``(T_i,)`` series into ``(C, T_i)`` arrays."""
-    series = [np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in x]
-    if len({s.shape[0] for s in series}) > 1:
-        raise ValueError(
-            f"all series must have the same number of channels, got {sorted({s.shape[0] for s in series})}"
-        )
-    return series
-
-
-def _sorted_classes(labels: np.ndarray) -> np.ndarray:
-    """Unique labels, sorted numerically when they all parse as numbers (so "2" comes before "10")."""
-    classes = np.unique(labels)
-    try:
-        return np.array(sorted(classes, key=float), dtype=classes.dtype)
-    except (TypeError, ValueError):
-        return classes
-
-
-def _znorm(s: np.ndarray) -> np.ndarray:
-    """Z-normalise each channel of one ``(C, T)`` series (a constant channel becomes zeros)."""
-    std = s.std(axis=1, keepdims=True)
-    return (s - s.mean(axis=1, keepdims=True)) / np.where(std < 1e-8, 1.0, std)
-
-
-def _pad(series: list[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Zero-pad ``(C, T_i)`` series on the right to ``length``; return ``(N, C, T)`` values and the mask."""
-    x = np.zeros((len(series), series[0].shape[0], length), dtype=np.float32)
-    mask = np.zeros((len(series), length), dtype=bool)
-    for i, s in enumerate(series):
-        x[i, :, : s.shape[1]] = s
-        mask[i, : s.shape[1]] = True
-    return x, mask
-
-
-def _stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded split of ``range(len(y))`` into (train, val), taking ``fraction`` of each class (rounded,
-    leaving each class at least one training sample)."""
-    rng = np.random.default_rng(seed)
-    val_parts = [
-        rng.permutation(idx)[: min(int(fraction * len(idx) + 0.5), len(idx) - 1)]
-        for idx in (np.flatnonzero(y == c) for c in np.unique(y))
-    ]
-    val = np.sort(np.concatenate(val_parts))
-    return np.setdiff1d(np.arange(len(y)), val), val
-
-
-def _stratified_fold(y: np.ndarray, num_folds: int, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded stratified k-fold: split ``range(len(y))`` into (train, val) with ``val`` = fold ``fold`` of
-    ``num_folds``. Each class is shuffled, the classes are laid end to end, and the samples are dealt to the
-    folds in turn (as scikit-learn's ``StratifiedKFold``): the folds are disjoint, cover every sample once,
-    differ in size by at most one, and each holds every class in proportion (within one sample)."""
-    rng = np.random.default_rng(seed)
-    order = np.concatenate([rng.permutation(np.flatnonzero(y == c)) for c in np.unique(y)])
-    val = np.sort(order[fold::num_folds])
-    return np.setdiff1d(np.arange(len(y)), val), val
 
 
 def _load_aeon(name: str, extract_path: str | None) -> _Raw:
@@ -322,19 +266,19 @@ class UCRDataModule(L.LightningDataModule):
         for xs, ys in splits:
             if len(xs) != len(ys):
                 raise ValueError(f"got {len(xs)} series but {len(ys)} labels")
-        series = _series_list([s for xs, _ in splits for s in xs])  # also checks channels agree
+        series = series_list([s for xs, _ in splits for s in xs])  # also checks channels agree
         y_all = np.concatenate([np.asarray(ys) for _, ys in splits])
         bad = sum(int((~np.isfinite(s)).sum()) for s in series)
         if bad:
             raise ValueError(
                 f"dataset {self.name!r} has {bad} missing or non-finite values; impute them first"
             )
-        classes = _sorted_classes(y_all)
+        classes = sorted_classes(y_all)
         codes = {label: i for i, label in enumerate(classes)}
         y_all = np.array([codes[label] for label in y_all], dtype=np.int64)
         if self.normalize:
-            series = [_znorm(s) for s in series]
-        x, padded = _pad(series, max(s.shape[1] for s in series))
+            series = [znorm(s) for s in series]
+        x, padded = pad(series, max(s.shape[1] for s in series))
         mask = None if padded.all() else padded
         n = len(x_train)
 
@@ -344,9 +288,9 @@ class UCRDataModule(L.LightningDataModule):
         if self.cv_folds is not None:
             if n < self.cv_folds:
                 raise ValueError(f"cv_folds={self.cv_folds} needs at least as many training series; got {n}")
-            train_idx, val_idx = _stratified_fold(y_all[:n], self.cv_folds, self.fold, self.seed)
+            train_idx, val_idx = stratified_fold(y_all[:n], self.cv_folds, self.fold, self.seed)
         else:
-            train_idx, val_idx = _stratified_split(y_all[:n], self.val_fraction, self.seed)
+            train_idx, val_idx = stratified_split(y_all[:n], self.val_fraction, self.seed)
             if self.val_fraction > 0 and len(val_idx) == 0:
                 raise ValueError(
                     f"val_fraction={self.val_fraction} holds out no sample of {n}; raise it, or use 0 to validate on test"

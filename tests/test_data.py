@@ -131,10 +131,10 @@ def test_cross_validation_folds_are_disjoint_stratified_and_cover_the_train_spli
 
 @pytest.mark.parametrize("counts,k", [([1, 1, 1], 3), ([7] * 10, 5), ([2, 9, 1], 4)])
 def test_cross_validation_folds_are_balanced_even_with_tiny_classes(counts, k):
-    from lightning_tsd.data import _stratified_fold
+    from lightning_tsd._series import stratified_fold
 
     y = np.repeat(np.arange(len(counts)), counts)
-    folds = [_stratified_fold(y, k, f, seed=3)[1] for f in range(k)]
+    folds = [stratified_fold(y, k, f, seed=3)[1] for f in range(k)]
     sizes = [len(v) for v in folds]
     assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1  # no empty validation fold
     assert sorted(np.concatenate(folds).tolist()) == list(range(len(y)))
