@@ -159,3 +159,65 @@ def test_temporal_saliency_loss_label_target_needs_labels():
     teacher, student = TinyCNN(1, 3).eval(), TinyCNN(1, 3)
     with pytest.raises(ValueError, match="needs the labels y"):
         TemporalSaliencyLoss(saliency_target="label")(teacher, student, torch.randn(2, 1, 8))
+
+
+def _captum_ig(model, x, target, steps):
+    from captum.attr import IntegratedGradients
+
+    attr = IntegratedGradients(model).attribute(x, target=target, n_steps=steps, method="riemann_middle")
+    return attr.abs().sum(1)
+
+
+def test_teacher_saliency_options_give_the_teacher_its_own_estimator():
+    """The student's 1-sample IG with the teacher's maps at IG-8 (``teacher_saliency_options``): the target
+    is captum's 8-step IG and stays fixed across calls, while the student's map is a fresh random estimate.
+    Without the option, the teacher takes the student's options without ``sampling``: a 1-step midpoint IG,
+    i.e. ``|x * grad f(x / 2)|`` (the cruder target of the screen's ``ig1u_*`` candidates)."""
+    torch.manual_seed(0)
+    teacher, student = TinyCNN(1, 3, batchnorm=False).eval(), TinyCNN(1, 3, batchnorm=False)
+    x = torch.randn(5, 1, 16)
+    target = teacher(x).argmax(1)
+    cheap = {"steps": 1, "sampling": "uniform"}
+    term = TemporalSaliencyLoss(teacher_saliency_options={"steps": 8}, **cheap)
+    assert term.teacher_saliency_options == {"steps": 8} and term.saliency_options == cheap
+    g = torch.Generator().manual_seed(1)
+    first = term(teacher, student, x, generator=g)
+    second = term(teacher, student, x, generator=g)
+    torch.testing.assert_close(
+        first.teacher_saliency, _captum_ig(teacher, x, target, 8), atol=1e-5, rtol=1e-4
+    )
+    assert torch.equal(first.teacher_saliency, second.teacher_saliency)
+    assert not torch.allclose(first.student_saliency, second.student_saliency)  # other interpolants
+
+    default = TemporalSaliencyLoss(**cheap)
+    assert default.teacher_saliency_options == {"steps": 1}
+    out = default(teacher, student, x, generator=torch.Generator().manual_seed(1))
+    half = (x / 2).requires_grad_()
+    grad = torch.autograd.grad(teacher(half).gather(1, target[:, None]).sum(), half)[0]
+    torch.testing.assert_close(out.teacher_saliency, (x * grad).abs().sum(1), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(out.teacher_saliency, first.teacher_saliency, atol=1e-3)
+
+
+def test_the_distiller_caches_the_teacher_maps_of_its_teacher_options():
+    """``TemporalSaliencyDistiller(teacher_saliency_options=...)``: the teacher cache holds captum's IG-8 maps
+    while the student trains with the 1-sample estimate."""
+    from lightning_tsd import TemporalSaliencyDistiller
+
+    torch.manual_seed(0)
+    teacher, student = TinyCNN(1, 3, batchnorm=False).eval(), TinyCNN(1, 3, batchnorm=False)
+    x = torch.randn(6, 1, 16)
+    batch = {"x": x, "y": torch.tensor([0, 1, 2, 0, 1, 2]), "index": torch.arange(6)}
+    d = TemporalSaliencyDistiller(
+        teacher,
+        student,
+        teacher_cache=True,
+        saliency_options={"steps": 1, "sampling": "uniform"},
+        teacher_saliency_options={"steps": 8},
+    )
+    d.precompute_teacher_cache([batch])
+    out = d.source.outputs(x, None, None, torch.arange(6), with_saliency=True)
+    assert out.stored is None  # every row came from the cache
+    torch.testing.assert_close(
+        out.saliency, _captum_ig(teacher, x, teacher(x).argmax(1), 8), atol=1e-5, rtol=1e-4
+    )
+    assert d.tsd.saliency_options["sampling"] == "uniform" and d.tsd.saliency_options["steps"] == 1
