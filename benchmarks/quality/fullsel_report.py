@@ -31,12 +31,27 @@ def qualifies(s: dict) -> bool:
 
 
 def costs(rows: list[dict]) -> dict[tuple[str, str], float]:
-    """Mean process CPU ms per student step of each (size, candidate) over the selection's rows: the
-    stand-in the rule names where the speed benchmark has not measured a candidate (it measures
-    estimators, not the projected or balanced updates)."""
+    """Mean process CPU ms per student step of each (size, candidate) over the selection's rows (the
+    rule's stand-in where the speed benchmark has not measured a candidate; it measures estimators, not the
+    projected or balanced updates). Rows of several machines mix here: see ``relative_costs``."""
     acc: dict = {}
     for r in rows:
         acc.setdefault((r["student"], r["candidate"]), []).append(float(r["cpu_ms_per_step"]))
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+def relative_costs(rows: list[dict]) -> dict[tuple[str, str], float]:
+    """Amendment 6: each row's CPU time per step as a multiple of ``kd``'s in the same block (same machine,
+    teacher and student), averaged per (size, candidate); what the rule ranks by, since the ``ig1s_*`` rows
+    come from one machine and the others from two of different speed."""
+    acc: dict = {}
+    for (_, _, size, _), block in screen_report.blocks(rows).items():
+        kd = block.get("kd")
+        for cand, r in block.items():
+            if kd is not None:
+                acc.setdefault((size, cand), []).append(
+                    float(r["cpu_ms_per_step"]) / float(kd["cpu_ms_per_step"])
+                )
     return {k: sum(v) / len(v) for k, v in acc.items()}
 
 
@@ -87,7 +102,7 @@ def write(
     """``out`` from the selection's ``rows``, the screen's decision, the eligibility ``gate`` of the cheap
     candidates and amendment 5's ``comparison`` (``screen_report.cheap_comparison`` off the screen)."""
     deltas = screen_report.paired_deltas(rows)
-    cost = costs(rows)
+    cost, relative = costs(rows), relative_costs(rows)
     env = harness.environment()
     lines = [
         "# Full selection of the TSD default (issue 9), CV of the train splits",
@@ -99,7 +114,9 @@ def write(
         "screen's rows of repeat 0 on its three datasets are reused (the carried candidates were chosen on "
         "those 9 blocks, which favours them). Paired deltas vs `kd` as in `screen.md`; 95% t-intervals over "
         "blocks. Cost: process CPU ms per student step, mean over the rows (the rule's stand-in: the speed "
-        "benchmark measures estimators, not the update rules). The IG-8 carried candidates run on every "
+        "benchmark measures estimators, not the update rules), and the rule ranks by the same time as a "
+        "multiple of `kd`'s in the same block (amendment 6: the rows come from machines of different speed). "
+        "The IG-8 carried candidates run on every "
         "block (amendments 4-5). A cheap candidate is eligible for the default only if it passes issue 10's "
         "comparison with its IG-8 counterpart: `ig1u_*` (1-sample IG for the student, 1-step IG for the "
         "teacher's map) on the screen's blocks (`screen.md`; amendment 4), `ig1s_*` (1-sample IG for the "
@@ -121,7 +138,7 @@ def write(
         complete[size] = {}
         for c in names:
             if (size, c) not in deltas:
-                body.append([f"`{c}`", 0, "", "", "", "", "", "", "not run yet"])
+                body.append([f"`{c}`", 0, "", "", "", "", "", "", "", "not run yet"])
                 continue
             s = screen_report.stats(deltas[(size, c)])
             datasets = len({d for d, _ in deltas[(size, c)]["agreement"]})
@@ -134,12 +151,12 @@ def write(
             body.append([f"`{c}`", f"{s['n']} ({datasets} datasets)", common.format_ci(s["agreement"]),
                          common.format_ci(s["ig_rho"]), common.format_ci(s["occ_rho"]),
                          f"{screen_report.final_conditions(s)}/4", "yes" if qualifies(s) else "no",
-                         cost.get((size, c), float("nan")),
+                         cost.get((size, c), float("nan")), relative.get((size, c), float("nan")),
                          "; ".join(x for x in ("" if done else "partial", "" if ok or not decided else "not eligible (issue 10)") if x)])  # fmt: skip
         lines += [f"## Student `{size}`", "", f"KD: {cost.get((size, 'kd'), float('nan')):.1f} CPU ms per step.", "",
                   *harness.markdown_table(body, ["candidate", "blocks", "d agreement [95% CI]", "d IG-rho [95% CI]",
                                                  "d occ-rho [95% CI]", "conditions met", "qualifies",
-                                                 "CPU ms/step", "status"], digits=1), ""]  # fmt: skip
+                                                 "CPU ms/step", "x KD (same block)", "status"], digits=1), ""]  # fmt: skip
     lines += ["## Decision", ""]
     ready = {size: {c: s for c, s in t.items() if s is not None} for size, t in complete.items()}
     if pending or not ready or not all(ready.values()):
@@ -148,7 +165,7 @@ def write(
             "default is chosen yet."
         )
     else:
-        lines += decide(ready, cost, ratios(rows))
+        lines += decide(ready, relative, ratios(rows))
     lines += ["", f"## Student-side cheap estimator vs IG-8 (issue 10, amendment 5; {N_OFF_SCREEN} blocks outside the screen)", "",
               "Each `ig1s_X` minus `X` on the same blocks (mean, standard error of the mean); the gate is decided "
               f"once the pair has all {N_OFF_SCREEN} blocks.", "",
