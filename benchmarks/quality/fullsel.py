@@ -69,9 +69,10 @@ def student_side_pairs(plan: dict[str, list[str]]) -> list[tuple[str, str]]:
 
 def off_screen_comparison(plan: dict[str, list[str]]) -> list[dict]:
     """Issue 10's comparison of each ``ig1s_X`` with ``X`` over the full selection's blocks outside the
-    screen (amendment 5), as ``screen_report.cheap_comparison`` gives it."""
+    screen (amendment 5), as ``screen_report.cheap_comparison`` gives it; beside them, for reading only, the
+    screen's ``ig1u_X`` pairs on the same blocks (their gate stays the screen's, amendment 4)."""
     rows = [r for r in selection_rows() if not on_screen(r["dataset"], r["repeat"])]
-    return screen_report.cheap_comparison(rows, student_side_pairs(plan))
+    return screen_report.cheap_comparison(rows, student_side_pairs(plan) + screen.CHEAP_PAIRS)
 
 
 def eligible(comparison: list[dict]) -> dict[tuple[str, str], bool]:
@@ -80,7 +81,8 @@ def eligible(comparison: list[dict]) -> dict[tuple[str, str], bool]:
     (amendment 5; until then not eligible)."""
     gate = screen_report.cheap_gate(screen.csv_path(), screen.CHEAP_PAIRS)
     for c in comparison:
-        gate[(c["size"], c["cheap"])] = c["passes"] and c["n"] >= fullsel_report.N_OFF_SCREEN
+        if c["cheap"].startswith("ig1s_"):
+            gate[(c["size"], c["cheap"])] = c["passes"] and c["n"] >= fullsel_report.N_OFF_SCREEN
     return gate
 
 

@@ -168,7 +168,8 @@ def write(
         lines += decide(ready, relative, ratios(rows))
     lines += ["", f"## Student-side cheap estimator vs IG-8 (issue 10, amendment 5; {N_OFF_SCREEN} blocks outside the screen)", "",
               "Each `ig1s_X` minus `X` on the same blocks (mean, standard error of the mean); the gate is decided "
-              f"once the pair has all {N_OFF_SCREEN} blocks.", "",
+              f"once the pair has all {N_OFF_SCREEN} blocks. The `ig1u_X` rows are for reading only (their gate "
+              "is the screen's, amendment 4): the same comparison for the candidates cheap on both maps.", "",
               *(screen_report.comparison_lines(comparison) if comparison else ["Not run yet."])]  # fmt: skip
     lines += ["", "## Per dataset (mean paired delta over blocks)", "",
               *screen_report.per_dataset_lines(deltas, sorted({c for _, c in deltas})), "",
