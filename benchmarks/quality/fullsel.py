@@ -94,7 +94,8 @@ def todo() -> dict[str, list[str]]:
         if not keep:
             continue
         ig8 = [c for c in keep if not is_cheap(c)]
-        plan[size] = ["kd"] + [c for c in keep if is_cheap(c)] + ig8 + [student_side(c) for c in ig8]
+        sides = [student_side(c) for c in ig8 if student_side(c) in screen.STUDENT_SIDE]
+        plan[size] = ["kd"] + [c for c in keep if is_cheap(c)] + ig8 + sides
     return plan
 
 
