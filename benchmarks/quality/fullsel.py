@@ -46,11 +46,6 @@ def carried() -> dict[str, list[str]]:
     return screen_report.carried_by_size(screen.csv_path(), list(screen.CANDIDATES), screen.CUT)
 
 
-def is_cheap(candidate: str) -> bool:
-    """A candidate with the 1-sample estimator: on both maps (``ig1u_*``) or the student's only (``ig1s_*``)."""
-    return candidate.startswith(("ig1u_", "ig1s_"))
-
-
 def student_side(candidate: str) -> str:
     """Amendment 5: the student-side-cheap counterpart ``ig1s_X`` of an IG-8 candidate ``X``."""
     return f"ig1s_{candidate}"
@@ -67,12 +62,12 @@ def student_side_pairs(plan: dict[str, list[str]]) -> list[tuple[str, str]]:
     return sorted({(c, c[len("ig1s_") :]) for cands in plan.values() for c in cands if c.startswith("ig1s_")})
 
 
-def off_screen_comparison(plan: dict[str, list[str]]) -> list[dict]:
-    """Issue 10's comparison of each ``ig1s_X`` with ``X`` over the full selection's blocks outside the
-    screen (amendment 5), as ``screen_report.cheap_comparison`` gives it; beside them, for reading only, the
+def off_screen_comparison(rows: list[dict], plan: dict[str, list[str]]) -> list[dict]:
+    """Issue 10's comparison of each ``ig1s_X`` with ``X`` over the selection ``rows`` outside the screen
+    (amendment 5), as ``screen_report.cheap_comparison`` gives it; beside them, for reading only, the
     screen's ``ig1u_X`` pairs on the same blocks (their gate stays the screen's, amendment 4)."""
-    rows = [r for r in selection_rows() if not on_screen(r["dataset"], r["repeat"])]
-    return screen_report.cheap_comparison(rows, student_side_pairs(plan) + screen.CHEAP_PAIRS)
+    off = [r for r in rows if not on_screen(r["dataset"], r["repeat"])]
+    return screen_report.cheap_comparison(off, student_side_pairs(plan) + screen.CHEAP_PAIRS)
 
 
 def eligible(comparison: list[dict]) -> dict[tuple[str, str], bool]:
@@ -86,16 +81,17 @@ def eligible(comparison: list[dict]) -> dict[tuple[str, str], bool]:
     return gate
 
 
-def todo() -> dict[str, list[str]]:
-    """Per student size: ``kd``, the carried cheap candidates, the carried IG-8 ones and their student-side
-    counterparts (amendment 5; only on blocks outside the screen, see ``block_plan``)."""
+def todo(kept: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """Per student size: ``kd``, the carried cheap candidates (``kept``, default ``carried()``), the carried
+    IG-8 ones and their student-side counterparts (amendment 5; only on blocks outside the screen, see
+    ``block_plan``)."""
     plan = {}
-    for size, keep in carried().items():
+    for size, keep in (carried() if kept is None else kept).items():
         if not keep:
             continue
-        ig8 = [c for c in keep if not is_cheap(c)]
+        ig8 = [c for c in keep if not fullsel_report.is_cheap(c)]
         sides = [student_side(c) for c in ig8 if student_side(c) in screen.STUDENT_SIDE]
-        plan[size] = ["kd"] + [c for c in keep if is_cheap(c)] + ig8 + sides
+        plan[size] = ["kd"] + [c for c in keep if fullsel_report.is_cheap(c)] + ig8 + sides
     return plan
 
 
@@ -161,10 +157,9 @@ def cmd_run(args) -> None:
 
 
 def write_report() -> None:
-    comparison = off_screen_comparison(todo())
-    fullsel_report.write(
-        selection_rows(), carried(), eligible(comparison), comparison, common.RESULTS / "fullsel.md"
-    )
+    kept, rows = carried(), selection_rows()
+    comparison = off_screen_comparison(rows, todo(kept))
+    fullsel_report.write(rows, kept, eligible(comparison), comparison, common.RESULTS / "fullsel.md")
 
 
 def main() -> None:

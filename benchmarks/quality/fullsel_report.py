@@ -20,7 +20,8 @@ def needed(candidate: str) -> int:
     return N_OFF_SCREEN if candidate.startswith("ig1s_") else N_BLOCKS
 
 
-def cheap(candidate: str) -> bool:
+def is_cheap(candidate: str) -> bool:
+    """A candidate with the 1-sample estimator: on both maps (``ig1u_*``) or the student's only (``ig1s_*``)."""
     return candidate.startswith(("ig1u_", "ig1s_"))
 
 
@@ -46,12 +47,11 @@ def relative_costs(rows: list[dict]) -> dict[tuple[str, str], float]:
     come from one machine and the others from two of different speed."""
     acc: dict = {}
     for (_, _, size, _), block in screen_report.blocks(rows).items():
-        kd = block.get("kd")
+        if "kd" not in block:
+            continue
+        kd_ms = float(block["kd"]["cpu_ms_per_step"])
         for cand, r in block.items():
-            if kd is not None:
-                acc.setdefault((size, cand), []).append(
-                    float(r["cpu_ms_per_step"]) / float(kd["cpu_ms_per_step"])
-                )
+            acc.setdefault((size, cand), []).append(float(r["cpu_ms_per_step"]) / kd_ms)
     return {k: sum(v) / len(v) for k, v in acc.items()}
 
 
@@ -143,7 +143,7 @@ def write(
             s = screen_report.stats(deltas[(size, c)])
             datasets = len({d for d, _ in deltas[(size, c)]["agreement"]})
             done = s["n"] >= needed(c)
-            ok = not cheap(c) or gate.get((size, c), False)  # amendments 4-5
+            ok = not is_cheap(c) or gate.get((size, c), False)  # amendments 4-5
             decided = ok or not c.startswith("ig1s_") or done  # an ig1s_* gate waits for every block
             if not decided or ok:
                 complete[size][c] = s if done and ok else None
