@@ -75,19 +75,23 @@ def decide(tables: dict[str, dict[str, dict]], cost: dict, ratio: dict[str, floa
         best = min(both, key=total)
         return [f"**Default: `{best}`**, the cheapest candidate qualifying for both student sizes "
                 f"({', '.join(f'`{c}`' for c in sorted(both, key=total))} qualify for both)."]  # fmt: skip
-    lines = []
+    lines, picks = [], {}
     for size, t in tables.items():
         if qual[size]:
-            pick = min(qual[size], key=lambda c, size=size: cost.get((size, c), float("inf")))
-            lines.append(f"- `{size}`: `{pick}`, the cheapest of the qualifying {qual[size]}.")
+            picks[size] = min(qual[size], key=lambda c, size=size: cost.get((size, c), float("inf")))
+            lines.append(f"- `{size}`: `{picks[size]}`, the cheapest of the qualifying {qual[size]}.")
         else:
-            pick = max(t, key=lambda c, t=t: (screen_report.final_conditions(t[c]), t[c]["agreement"][1]))
-            lines.append(f"- `{size}`: nothing qualifies; the best candidate is `{pick}` "
-                         f"({screen_report.final_conditions(t[pick])}/4 conditions).")  # fmt: skip
-    if len(tables) == 2 and all(qual.values()):
+            picks[size] = max(
+                t, key=lambda c, t=t: (screen_report.final_conditions(t[c]), t[c]["agreement"][1])
+            )
+            lines.append(f"- `{size}`: nothing qualifies; the best candidate is `{picks[size]}` "
+                         f"({screen_report.final_conditions(t[picks[size]])}/4 conditions).")  # fmt: skip
+    if len(set(picks.values())) == 1:
+        lines += ["", f"**Default: `{next(iter(picks.values()))}`**, the pick for every student size."]
+    else:
         switch = math.sqrt(math.prod(ratio[size] for size in tables))
-        lines.append(f"- The default depends on the student/teacher parameter ratio, switching at {switch:.4f} "
-                     f"(geometric mean of {', '.join(f'{k} {v:.4f}' for k, v in ratio.items() if k in tables)}).")  # fmt: skip
+        lines += ["", "**Default: depends on the student/teacher parameter ratio**, each size's pick, switching at "
+                  f"{switch:.4f} (geometric mean of {', '.join(f'{k} {v:.4f}' for k, v in ratio.items() if k in tables)})."]  # fmt: skip
     return ["No single candidate qualifies for both sizes: per size (where nothing qualifies, the README says "
             "which condition failed, with the numbers):", "", *lines]  # fmt: skip
 
@@ -136,23 +140,27 @@ def write(
             continue
         body = []
         complete[size] = {}
+        # What the rule chooses among: the carried candidates and their ig1s_* counterparts (amendment 5); the
+        # screen rows of the others (on its 9 blocks only) are shown for reading.
+        plan = set(carried.get(size, [])) | {f"ig1s_{c}" for c in carried.get(size, [])}
         for c in names:
             if (size, c) not in deltas:
                 body.append([f"`{c}`", 0, "", "", "", "", "", "", "", "not run yet"])
                 continue
             s = screen_report.stats(deltas[(size, c)])
             datasets = len({d for d, _ in deltas[(size, c)]["agreement"]})
-            done = s["n"] >= needed(c)
+            done = s["n"] >= needed(c) or c not in plan
             ok = not is_cheap(c) or gate.get((size, c), False)  # amendments 4-5
             decided = ok or not c.startswith("ig1s_") or done  # an ig1s_* gate waits for every block
-            if not decided or ok:
+            if c in plan and (not decided or ok):
                 complete[size][c] = s if done and ok else None
                 pending |= not done
             body.append([f"`{c}`", f"{s['n']} ({datasets} datasets)", common.format_ci(s["agreement"]),
                          common.format_ci(s["ig_rho"]), common.format_ci(s["occ_rho"]),
                          f"{screen_report.final_conditions(s)}/4", "yes" if qualifies(s) else "no",
                          cost.get((size, c), float("nan")), relative.get((size, c), float("nan")),
-                         "; ".join(x for x in ("" if done else "partial", "" if ok or not decided else "not eligible (issue 10)") if x)])  # fmt: skip
+                         "; ".join(x for x in ("" if c in plan else "not carried (screen blocks only)", "" if done else "partial",
+                                               "" if ok or not decided else "not eligible (issue 10)") if x)])  # fmt: skip
         lines += [f"## Student `{size}`", "", f"KD: {cost.get((size, 'kd'), float('nan')):.1f} CPU ms per step.", "",
                   *harness.markdown_table(body, ["candidate", "blocks", "d agreement [95% CI]", "d IG-rho [95% CI]",
                                                  "d occ-rho [95% CI]", "conditions met", "qualifies",
