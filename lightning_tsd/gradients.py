@@ -16,7 +16,7 @@ is the real loss and whose gradient is the combined one. Plain torch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import torch
@@ -90,12 +90,18 @@ def combined_loss(
     mode: str,
     params: Sequence[Tensor],
     logits: Tensor,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """The step's loss ``base + weight * tsd``; for ``mode`` other than ``"sum"``, a loss of that value whose
     gradient is :func:`combine_gradients` of the two (one extra backward).
 
     ``logits`` are tied in with weight 0 when there is no base term: parameters that only shift the logits
     (an output bias) get no gradient from a saliency map, and DDP must see every parameter used.
+
+    ``reduce`` (data parallelism): maps a flat vector to its mean over the processes. The two gradients are
+    averaged with it before they are joined, so every process projects (or rescales) the gradients of the
+    whole global batch, as one process would; without it each process would join its own shard's gradients,
+    a different update. The distiller passes it whenever its trainer has more than one process.
 
     Example:
         >>> w = torch.tensor([1.0, -1.0], requires_grad=True)
@@ -116,4 +122,9 @@ def combined_loss(
     g_tsd: Sequence[Tensor] = torch.autograd.grad(tsd, params, allow_unused=True)
     g_base = [torch.zeros_like(p) if g is None else g for g, p in zip(g_base, params, strict=True)]
     g_tsd = [torch.zeros_like(p) if g is None else g for g, p in zip(g_tsd, params, strict=True)]
+    if reduce is not None:  # one collective for both: the global batch's gradients on every process
+        flat = reduce(torch.cat([g.reshape(-1) for g in (*g_base, *g_tsd)]))
+        parts = flat.split([g.numel() for g in (*g_base, *g_tsd)])
+        g_base = [v.view_as(g) for v, g in zip(parts[: len(g_base)], g_base, strict=True)]
+        g_tsd = [v.view_as(g) for v, g in zip(parts[len(g_base) :], g_tsd, strict=True)]
     return surrogate_loss(total, params, combine_gradients(g_base, g_tsd, weight, mode))

@@ -286,7 +286,9 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
         )
         separate = hp.tsd_gradient != "sum" and "tsd" in parts  # only then are the gradients taken apart
         params = [p for p in self.student.parameters() if p.requires_grad] if separate else []
-        return combined_loss(base, parts.get("tsd"), weight, hp.tsd_gradient, params, student_logits)
+        ddp = self._trainer is not None and self.trainer.world_size > 1  # project global gradients
+        reduce = (lambda v: self.trainer.strategy.reduce(v, reduce_op="mean")) if ddp else None
+        return combined_loss(base, parts.get("tsd"), weight, hp.tsd_gradient, params, student_logits, reduce)
 
     def _step_generator(self, device: torch.device) -> torch.Generator | None:
         """For ``sampling="uniform"``: a generator seeded by the global seed and step (resumes bit-exact)."""

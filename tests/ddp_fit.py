@@ -37,18 +37,22 @@ def main(out_dir: str, devices: int, methods: list[str]) -> None:
         # No BatchNorm in the student: its batch statistics would differ between 2 x 8 and 1 x 16 samples.
         student = TinyCNN(1, 3, width=4, batchnorm=False)
         options = {"window": 4, "stride": 4} if method == "occlusion" else None
+        # "project": CE + KD + TSD, the TSD gradient projected off the base gradient where they conflict
+        # (a large weight, so that they do); otherwise the student learns from the TSD term alone
+        losses = (
+            dict(ce_weight=1.0, kd_weight=1.0, base_loss="kd", tsd_weight=20.0, tsd_gradient="project")
+            if method == "project"
+            else dict(ce_weight=0.0, kd_weight=0.0, base_loss="none", tsd_weight=1.0)
+        )
         model = TemporalSaliencyDistiller(
             teacher,
             student,
-            saliency="gradient" if method == "ensemble" else method,
+            saliency="gradient" if method in ("ensemble", "project") else method,
             saliency_options=options,
-            ce_weight=0.0,
-            kd_weight=0.0,
-            base_loss="none",
-            tsd_weight=1.0,
             lr=0.05,
             optimizer="sgd",
             teacher_cache=True,
+            **losses,
         )
         trainer = quiet_trainer(
             devices=devices,

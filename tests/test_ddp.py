@@ -1,5 +1,6 @@
 """DDP on CPU (gloo): gradients that reach the student only through the TSD term's double backward are
-averaged across ranks, so a 2-process fit equals a 1-process fit on the same global batches."""
+averaged across ranks, so a 2-process fit equals a 1-process fit on the same global batches; with the
+projected update, the projection sees the global batch's gradients on every rank."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ METHODS = [
     "integrated_gradients",
     "occlusion",
     "ensemble",
-]  # ensemble: 2 teachers
+    "project",
+]  # ensemble: 2 teachers; project: CE + KD + TSD with the projected update
 SCRIPT = Path(__file__).with_name("ddp_fit.py")
 
 

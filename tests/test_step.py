@@ -22,7 +22,7 @@ from lightning_tsd import (
     _compat,
 )
 from lightning_tsd._batch import unpack_batch
-from lightning_tsd.gradients import combine_gradients, surrogate_loss
+from lightning_tsd.gradients import combine_gradients, combined_loss, surrogate_loss
 from lightning_tsd.guard import BadBatchGuard
 from lightning_tsd.losses import saliency_alignment_loss, smooth_saliency
 from lightning_tsd.saliency import temporal_saliency
@@ -100,6 +100,31 @@ def test_distiller_step_applies_the_projected_gradient():
         assert torch.allclose(got, want, atol=1e-6)
     for got, b_, t in zip(grads["sum"], g_base, g_tsd, strict=True):
         assert torch.allclose(got, b_ + 4.0 * t, atol=1e-6)
+
+
+def test_projection_with_reduce_uses_the_global_batch_gradients():
+    """What DDP needs: two shards, each averaging both gradients over the shards before joining them, take
+    the step of the whole batch in one process; each joining its own shard's gradients would not."""
+    torch.manual_seed(3)
+    x, w0 = torch.randn(8, 4), torch.randn(4)
+
+    def shard_grad(rows, reduce=None):
+        w = w0.clone().requires_grad_(True)
+        z = x[rows] @ w
+        base, tsd = (z - 1).square().mean(), (-z).mean()  # opposed on most draws: the projection acts
+        combined_loss(base, tsd, 3.0, "project", [w], z, reduce).backward()
+        return w.grad
+
+    whole = shard_grad(torch.arange(8))
+    shards = [torch.arange(0, 8, 2), torch.arange(1, 8, 2)]
+    seen: list[torch.Tensor] = []
+    for rows in shards:  # collect what each shard would contribute to the collective
+        shard_grad(rows, lambda v: seen.append(v.clone()) or v)
+    mean = (seen[0] + seen[1]) / 2
+    for rows in shards:
+        assert torch.allclose(shard_grad(rows, lambda v: mean.clone()), whole, atol=1e-6)
+    local = (shard_grad(shards[0]) + shard_grad(shards[1])) / 2  # DDP's average of per-shard projections
+    assert not torch.allclose(local, whole, atol=1e-3)
 
 
 def test_surrogate_loss_keeps_the_value():
