@@ -41,20 +41,6 @@ def costs(rows: list[dict]) -> dict[tuple[str, str], float]:
     return {k: sum(v) / len(v) for k, v in acc.items()}
 
 
-def relative_costs(rows: list[dict]) -> dict[tuple[str, str], float]:
-    """Amendment 6: each row's CPU time per step as a multiple of ``kd``'s in the same block (same machine,
-    teacher and student), averaged per (size, candidate); what the rule ranks by, since the ``ig1s_*`` rows
-    come from one machine and the others from two of different speed."""
-    acc: dict = {}
-    for (_, _, size, _), block in screen_report.blocks(rows).items():
-        if "kd" not in block:
-            continue
-        kd_ms = float(block["kd"]["cpu_ms_per_step"])
-        for cand, r in block.items():
-            acc.setdefault((size, cand), []).append(float(r["cpu_ms_per_step"]) / kd_ms)
-    return {k: sum(v) / len(v) for k, v in acc.items()}
-
-
 def ratios(rows: list[dict]) -> dict[str, float]:
     """Mean student/teacher parameter ratio of each student size over the selection's rows."""
     acc: dict = {}
@@ -106,7 +92,7 @@ def write(
     """``out`` from the selection's ``rows``, the screen's decision, the eligibility ``gate`` of the cheap
     candidates and amendment 5's ``comparison`` (``screen_report.cheap_comparison`` off the screen)."""
     deltas = screen_report.paired_deltas(rows)
-    cost, relative = costs(rows), relative_costs(rows)
+    cost, relative = costs(rows), screen_report.relative_costs(rows)
     env = harness.environment()
     lines = [
         "# Full selection of the TSD default (issue 9), CV of the train splits",

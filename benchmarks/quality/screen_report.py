@@ -81,10 +81,25 @@ def decisions(deltas: dict, candidates: list[str], cut: list[str]) -> dict[str, 
     return out
 
 
+def relative_costs(rows: list[dict]) -> dict[tuple[str, str], float]:
+    """Amendment 6: each row's CPU time per step as a multiple of ``kd``'s in the same block (same machine,
+    teacher and student), averaged per (size, candidate); what the rule ranks by, since the ``ig1s_*`` rows
+    come from one machine and the others from two of different speed."""
+    acc: dict = {}
+    for (_, _, size, _), block in blocks(rows).items():
+        if "kd" not in block:
+            continue
+        kd_ms = float(block["kd"]["cpu_ms_per_step"])
+        for cand, r in block.items():
+            acc.setdefault((size, cand), []).append(float(r["cpu_ms_per_step"]) / kd_ms)
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
 def pooled_lines(deltas: dict, candidates: list[str], rows: list[dict], cut: list[str]) -> list[str]:
     cost = defaultdict(list)
     for r in rows:
         cost[(r["student"], r["candidate"])].append(float(r["cpu_ms_per_step"]))
+    relative = relative_costs(rows)  # the rows come from machines of different speed (AMD, Intel)
     lines = []
     for size, (table, n_min, keep) in decisions(deltas, candidates, cut).items():
         complete = n_min >= SCREEN_MIN_BLOCKS
@@ -94,13 +109,13 @@ def pooled_lines(deltas: dict, candidates: list[str], rows: list[dict], cut: lis
             decision = "cut (amendment 2)" if c in cut else "**carried**" if c in keep else ""
             out.append([f"`{c}`", s["n"], common.format_ci(s["agreement"]), common.format_ci(s["ig_rho"]), common.format_ci(s["occ_rho"]),
                         f"{final_conditions(s)}/4", "yes" if screen_pass(s) else "no",
-                        sum(ms) / len(ms), decision])  # fmt: skip
+                        sum(ms) / len(ms), relative.get((size, c), float("nan")), decision])  # fmt: skip
         kd_ms = cost[(size, "kd")]
         lines += [f"### Student `{size}`", "",
                   f"KD's CPU time per step: {sum(kd_ms) / max(1, len(kd_ms)):.1f} ms (screen rows; not the speed benchmark).", "",
                   *harness.markdown_table(out, ["candidate", "blocks", "d agreement [95% CI]", "d IG-rho [95% CI]",
                                                 "d occ-rho [95% CI]", "final rule: conditions met",
-                                                "passes the screen", "CPU ms/step", "decision"], digits=1),
+                                                "passes the screen", "CPU ms/step", "x KD (same block)", "decision"], digits=1),
                   "", (f"Screen complete ({n_min} blocks each): carried: {', '.join(keep) or 'none'}." if complete else
                        f"**Partial**: {n_min} of the {SCREEN_MIN_BLOCKS} blocks the screening decision needs; nothing is "
                        "carried yet."), ""]  # fmt: skip
