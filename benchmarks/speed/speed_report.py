@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from harness import Panel, line_plot, markdown_table
-from speed_variants import ESTIMATORS, TEACHER_OPTIONS
+from speed_variants import ESTIMATORS, TEACHER_OPTIONS, distiller_defaults
 
 Res = dict[int, dict[int, dict[str, dict[str, float]]]]  # res[B][T][variant][measure]
 NUMERIC = {
@@ -247,6 +247,8 @@ def plot(path: Path, res: Res, t: str, default: str, floors: list[str]) -> bool:
 # ----------------------------------------------------------------------------- speed.md
 def setup_lines(env: dict, info: dict) -> list[str]:
     method, options = ESTIMATORS[info["default"]]
+    d = distiller_defaults()
+    other = ", ".join(f"`{k}={d[k]!r}`" for k in ("alignment", "tsd_weight", "tsd_gradient"))
     estimators = ", ".join(
         f"`{e}` = {m} {o}" + (f" (teacher's maps: {TEACHER_OPTIONS[e]})" if e in TEACHER_OPTIONS else "")
         for e, (m, o) in ESTIMATORS.items()
@@ -259,7 +261,7 @@ def setup_lines(env: dict, info: dict) -> list[str]:
         f"* Teacher: InceptionTime {info['teacher_kwargs']}, {info['teacher_params']:,} parameters (frozen, eval"
         f" mode). Student: NarrowFCN, {info['student_params']:,} parameters (train mode, BatchNorm).",
         f"* Package default estimator: `{info['default']}` = {method} {options}; every other distiller",
-        "  argument at its default (alignment, `tsd_weight`), `base_loss='kd'`, Adam. The package's step is",
+        f"  argument at its default ({other}), `base_loss='kd'`, Adam. The package's step is",
         "  `TemporalSaliencyDistiller.training_step` + backward + optimizer step, with `saliency_options`",
         "  passed as a dict; `_cached` steps use `teacher_cache=True`, filled beforehand.",
         f"* Estimators: {estimators}.",

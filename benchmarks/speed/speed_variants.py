@@ -53,7 +53,8 @@ TEACHER_OPTIONS: dict[str, dict] = {"ig1_uniform_t8": {"steps": 8}}
 def distiller_defaults() -> dict:
     """The ``TemporalSaliencyDistiller`` defaults the TSD step depends on."""
     params = inspect.signature(TemporalSaliencyDistiller).parameters
-    keys = ("saliency", "saliency_options", "alignment", "tsd_weight", "saliency_temperature", "temperature")
+    keys = ("saliency", "saliency_options", "alignment", "tsd_weight", "tsd_gradient", "saliency_temperature",
+            "temperature")  # fmt: skip
     return {k: params[k].default for k in keys}
 
 
@@ -135,6 +136,35 @@ def _adam_step(student: nn.Module, loss_fn: Callable[[], Tensor]) -> Step:
     return step
 
 
+def _tsd_step(
+    student: nn.Module, parts: Callable[[], tuple[Tensor, Tensor]], weight: float, mode: str
+) -> Step:
+    """Adam on ``base + weight * tsd`` (``parts()`` gives the two): for ``mode="sum"`` one backward of the sum;
+    otherwise the two gradients taken apart and joined by hand as the package's ``tsd_gradient`` does."""
+    if mode == "sum":
+        return _adam_step(student, lambda: (lambda b, t: b + weight * t)(*parts()))
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=3e-3)
+
+    def step() -> None:
+        base, tsd = parts()
+        g_b = torch.autograd.grad(base, params, retain_graph=True)
+        g_t = torch.autograd.grad(tsd, params, allow_unused=True)
+        g_t = [torch.zeros_like(p) if g is None else g for g, p in zip(g_t, params)]
+        fb, ft = torch.cat([g.reshape(-1) for g in g_b]), torch.cat([g.reshape(-1) for g in g_t])
+        if mode == "project":  # PCGrad: remove the component of g_t along g_b where they conflict
+            coef = torch.dot(fb, ft).clamp(max=0.0) / fb.square().sum().clamp_min(1e-12)
+            joined = [b + weight * (t - coef * b) for b, t in zip(g_b, g_t)]
+        else:  # "balance": g_t rescaled to weight * ||g_b||
+            scale = fb.norm() / ft.norm().clamp_min(1e-12)
+            joined = [b + weight * scale * t for b, t in zip(g_b, g_t)]
+        for p, g in zip(params, joined):
+            p.grad = g
+        opt.step()
+
+    return step
+
+
 def kd_hand(s: Setup, cached: bool) -> Step:
     student = s.student()
     with torch.no_grad():
@@ -174,22 +204,23 @@ def pkg(s: Setup, cache: bool, **kwargs) -> Step:
 
 
 def tsd_hand(s: Setup, cached: bool, method: str, options: dict) -> Step:
-    """Hand-written TSD: CE + KD + w * alignment(student map, teacher map), the package's defaults."""
+    """Hand-written TSD: CE + KD + w * alignment(student map, teacher map), the package's defaults (its
+    ``tsd_gradient`` included)."""
     d = distiller_defaults()
     student = s.student()
     zt_c, st_c, tgt_c = speed_floor.hand_saliency(method, s.teacher, s.x, None, False, **options)
     zt_c, st_c = zt_c.detach(), st_c.detach()
 
-    def loss() -> Tensor:
+    def parts() -> tuple[Tensor, Tensor]:
         if cached:
             zt, st, tgt = zt_c, st_c, tgt_c
         else:
             zt, st, tgt = speed_floor.hand_saliency(method, s.teacher, s.x, None, False, **options)
         zs, ss, _ = speed_floor.hand_saliency(method, student, s.x, tgt, True, **options)
         align = speed_floor.alignment_loss(d["alignment"], ss, st, d["saliency_temperature"])
-        return F.cross_entropy(zs, s.y) + kd_loss(zs, zt.detach(), TAU) + d["tsd_weight"] * align
+        return F.cross_entropy(zs, s.y) + kd_loss(zs, zt.detach(), TAU), align
 
-    return _adam_step(student, loss)
+    return _tsd_step(student, parts, d["tsd_weight"], d["tsd_gradient"])
 
 
 def tsd_loss(s: Setup, method: str, options: dict) -> Step:
@@ -198,12 +229,12 @@ def tsd_loss(s: Setup, method: str, options: dict) -> Step:
     student = s.student()
     term = TemporalSaliencyLoss(saliency=method, alignment=d["alignment"], **options)
 
-    def loss() -> Tensor:
+    def parts() -> tuple[Tensor, Tensor]:
         out = term(s.teacher, student, s.x)
         zs = out.student_logits
-        return F.cross_entropy(zs, s.y) + kd_loss(zs, out.teacher_logits, TAU) + d["tsd_weight"] * out.loss
+        return F.cross_entropy(zs, s.y) + kd_loss(zs, out.teacher_logits, TAU), out.loss
 
-    return _adam_step(student, loss)
+    return _tsd_step(student, parts, d["tsd_weight"], d["tsd_gradient"])
 
 
 def occlusion_loop(s: Setup) -> Step:
@@ -212,12 +243,12 @@ def occlusion_loop(s: Setup) -> Step:
     zt, st, tgt = speed_floor.gradient_maps(s.teacher, s.x, None, False)
     zt, st = zt.detach(), st.detach()
 
-    def loss() -> Tensor:
+    def loss() -> tuple[Tensor, Tensor]:
         zs, ss = speed_floor.occlusion_loop_maps(student, s.x, tgt)
         align = speed_floor.alignment_loss(d["alignment"], ss, st, d["saliency_temperature"])
-        return F.cross_entropy(zs, s.y) + kd_loss(zs, zt, TAU) + d["tsd_weight"] * align
+        return F.cross_entropy(zs, s.y) + kd_loss(zs, zt, TAU), align
 
-    return _adam_step(student, loss)
+    return _tsd_step(student, loss, d["tsd_weight"], d["tsd_gradient"])
 
 
 def make_variants(
