@@ -158,8 +158,9 @@ def cmd_run(args) -> None:
 
 def write_report() -> None:
     kept, rows = carried(), selection_rows()
-    comparison = off_screen_comparison(rows, todo(kept))
-    fullsel_report.write(rows, kept, eligible(comparison), comparison, common.RESULTS / "fullsel.md")
+    plan = todo(kept)
+    comparison = off_screen_comparison(rows, plan)
+    fullsel_report.write(rows, kept, plan, eligible(comparison), comparison, common.RESULTS / "fullsel.md")
 
 
 def main() -> None:

@@ -85,12 +85,14 @@ def decide(tables: dict[str, dict[str, dict]], cost: dict, ratio: dict[str, floa
 def write(
     rows: list[dict],
     carried: dict[str, list[str]],
+    plan: dict[str, list[str]],
     gate: dict[tuple[str, str], bool],
     comparison: list[dict],
     out: Path,
 ) -> None:
-    """``out`` from the selection's ``rows``, the screen's decision, the eligibility ``gate`` of the cheap
-    candidates and amendment 5's ``comparison`` (``screen_report.cheap_comparison`` off the screen)."""
+    """``out`` from the selection's ``rows``, the screen's decision, the selection's ``plan`` (``fullsel.todo``:
+    what the rule chooses among), the eligibility ``gate`` of the cheap candidates and amendment 5's
+    ``comparison`` (``screen_report.cheap_comparison`` off the screen)."""
     deltas = screen_report.paired_deltas(rows)
     cost, relative = costs(rows), screen_report.relative_costs(rows)
     env = harness.environment()
@@ -126,26 +128,26 @@ def write(
             continue
         body = []
         complete[size] = {}
-        # What the rule chooses among: the carried candidates and their ig1s_* counterparts (amendment 5); the
-        # screen rows of the others (on its 9 blocks only) are shown for reading.
-        plan = set(carried.get(size, [])) | {f"ig1s_{c}" for c in carried.get(size, [])}
+        # What the rule chooses among: the plan's candidates (the carried ones and their ig1s_* counterparts,
+        # amendment 5); the screen rows of the others (on its 9 blocks only) are shown for reading.
+        chosen = set(plan.get(size, [])) - {"kd"}
         for c in names:
             if (size, c) not in deltas:
                 body.append([f"`{c}`", 0, "", "", "", "", "", "", "", "not run yet"])
                 continue
             s = screen_report.stats(deltas[(size, c)])
             datasets = len({d for d, _ in deltas[(size, c)]["agreement"]})
-            done = s["n"] >= needed(c) or c not in plan
+            done = s["n"] >= needed(c) or c not in chosen
             ok = not is_cheap(c) or gate.get((size, c), False)  # amendments 4-5
             decided = ok or not c.startswith("ig1s_") or done  # an ig1s_* gate waits for every block
-            if c in plan and (not decided or ok):
+            if c in chosen and (not decided or ok):
                 complete[size][c] = s if done and ok else None
                 pending |= not done
             body.append([f"`{c}`", f"{s['n']} ({datasets} datasets)", common.format_ci(s["agreement"]),
                          common.format_ci(s["ig_rho"]), common.format_ci(s["occ_rho"]),
                          f"{screen_report.final_conditions(s)}/4", "yes" if qualifies(s) else "no",
                          cost.get((size, c), float("nan")), relative.get((size, c), float("nan")),
-                         "; ".join(x for x in ("" if c in plan else "not carried (screen blocks only)", "" if done else "partial",
+                         "; ".join(x for x in ("" if c in chosen else "not carried (screen blocks only)", "" if done else "partial",
                                                "" if ok or not decided else "not eligible (issue 10)") if x)])  # fmt: skip
         lines += [f"## Student `{size}`", "", f"KD: {cost.get((size, 'kd'), float('nan')):.1f} CPU ms per step.", "",
                   *harness.markdown_table(body, ["candidate", "blocks", "d agreement [95% CI]", "d IG-rho [95% CI]",

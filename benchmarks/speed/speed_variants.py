@@ -142,7 +142,12 @@ def _tsd_step(
     """Adam on ``base + weight * tsd`` (``parts()`` gives the two): for ``mode="sum"`` one backward of the sum;
     otherwise the two gradients taken apart and joined by hand as the package's ``tsd_gradient`` does."""
     if mode == "sum":
-        return _adam_step(student, lambda: (lambda b, t: b + weight * t)(*parts()))
+
+        def loss() -> Tensor:
+            base, tsd = parts()
+            return base + weight * tsd
+
+        return _adam_step(student, loss)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=3e-3)
 
@@ -243,12 +248,12 @@ def occlusion_loop(s: Setup) -> Step:
     zt, st, tgt = speed_floor.gradient_maps(s.teacher, s.x, None, False)
     zt, st = zt.detach(), st.detach()
 
-    def loss() -> tuple[Tensor, Tensor]:
+    def parts() -> tuple[Tensor, Tensor]:
         zs, ss = speed_floor.occlusion_loop_maps(student, s.x, tgt)
         align = speed_floor.alignment_loss(d["alignment"], ss, st, d["saliency_temperature"])
         return F.cross_entropy(zs, s.y) + kd_loss(zs, zt, TAU), align
 
-    return _tsd_step(student, loss, d["tsd_weight"], d["tsd_gradient"])
+    return _tsd_step(student, parts, d["tsd_weight"], d["tsd_gradient"])
 
 
 def make_variants(
