@@ -70,16 +70,23 @@ def decide(tables: dict[str, dict[str, dict]], cost: dict, ratio: dict[str, floa
             picks[size] = max(
                 t, key=lambda c, t=t: (screen_report.final_conditions(t[c]), t[c]["agreement"][1])
             )
+            s = t[picks[size]]
             lines.append(f"- `{size}`: nothing qualifies; the best candidate is `{picks[size]}` "
-                         f"({screen_report.final_conditions(t[picks[size]])}/4 conditions).")  # fmt: skip
+                         f"({screen_report.final_conditions(s)}/4 conditions; it fails "
+                         f"{'; '.join(screen_report.failed_conditions(s))}).")  # fmt: skip
     if len(set(picks.values())) == 1:
         lines += ["", f"**Default: `{next(iter(picks.values()))}`**, the pick for every student size."]
     else:
         switch = math.sqrt(math.prod(ratio[size] for size in tables))
         lines += ["", "**Default: depends on the student/teacher parameter ratio**, each size's pick, switching at "
                   f"{switch:.4f} (geometric mean of {', '.join(f'{k} {v:.4f}' for k, v in ratio.items() if k in tables)})."]  # fmt: skip
-    return ["No single candidate qualifies for both sizes: per size (where nothing qualifies, the README says "
-            "which condition failed, with the numbers):", "", *lines]  # fmt: skip
+    head = (
+        "No single candidate qualifies for both sizes"
+        if any(qual.values())
+        else "Nothing qualifies for any size"
+    )
+    return [f"{head}: per size (where nothing qualifies, the README says which condition failed, with the numbers):",
+            "", *lines]  # fmt: skip
 
 
 def write(

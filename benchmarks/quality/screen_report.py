@@ -43,10 +43,19 @@ def stats(deltas: dict[str, list[tuple[str, float]]]) -> dict:
     return s
 
 
+def failed_conditions(s: dict) -> list[str]:
+    """The selection rule's four conditions that a candidate misses, each with its number."""
+    agr, lo, _ = s["agreement"]
+    checks = [(agr >= 0, f"d agreement >= 0 ({agr:+.3f})"),
+              (lo >= -0.01, f"its interval's lower end >= -0.01 ({lo:+.3f})"),
+              (s["ig_rho"][0] >= 0.05, f"d IG-rho >= +0.05 ({s['ig_rho'][0]:+.3f})"),
+              (s["occ_rho"][0] >= 0.05, f"d occ-rho >= +0.05 ({s['occ_rho'][0]:+.3f})")]  # fmt: skip
+    return [text for ok, text in checks if not ok]
+
+
 def final_conditions(s: dict) -> int:
     """How many of the selection rule's four conditions a candidate meets."""
-    agr, lo, _ = s["agreement"]
-    return sum([agr >= 0, lo >= -0.01, s["occ_rho"][0] >= 0.05, s["ig_rho"][0] >= 0.05])
+    return 4 - len(failed_conditions(s))
 
 
 def screen_pass(s: dict) -> bool:
