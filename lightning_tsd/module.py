@@ -84,8 +84,9 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
         saliency_temperature: ``tau_s`` of the ``"kl"`` alignment.
         alignment: ``"kl"``, ``"pearson"`` or ``"cosine"``.
         saliency_smoothing: moving-average window (steps) applied to both maps before alignment (1: none).
-        tsd_gradient: ``"sum"`` (the loss sum), ``"project"`` (PCGrad: the TSD gradient's conflicting component is
-            removed) or ``"balance"`` (rescaled to ``w_tsd`` times the base gradient's norm); one more backward.
+        tsd_gradient: ``"project"`` (PCGrad: the TSD gradient's component that conflicts with the base loss's is
+            removed; one more backward), ``"sum"`` (the plain loss sum) or ``"balance"`` (the TSD gradient
+            rescaled to ``w_tsd`` times the base gradient's norm; one more backward).
         tsd_warmup: fraction of the fit's optimizer steps over which ``w_tsd`` ramps up linearly from 0.
         tsd_start: fraction of the fit's optimizer steps before which TSD is off (KD first).
         tsd_every_n_steps: compute the TSD term every n-th step only (the other steps are plain KD).
@@ -115,7 +116,7 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
         base_loss: str | BaseLoss = "kd",
         ce_weight: float = 1.0,
         kd_weight: float = 1.0,
-        tsd_weight: float = 0.25,
+        tsd_weight: float = 0.5,
         temperature: float = 4.0,
         saliency: str = "integrated_gradients",
         saliency_options: dict[str, Any] | None = None,
@@ -124,7 +125,7 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
         saliency_temperature: float = 1.0,
         alignment: str = "pearson",
         saliency_smoothing: int = 1,
-        tsd_gradient: str = "sum",
+        tsd_gradient: str = "project",
         tsd_warmup: float = 0.0,
         tsd_start: float = 0.0,
         tsd_every_n_steps: int = 1,

@@ -112,9 +112,14 @@ def test_tsd_weight_zero_computes_no_saliency(monkeypatch):
     trainer(max_steps=3, limit_val_batches=0).fit(model, loader(make_data()))
     assert calls == []
     # ... and with TSD on, the same counter sees the student's and the teacher's gradient every step
-    model = distiller(tsd_weight=1.0)
+    model = distiller(tsd_weight=1.0, tsd_gradient="sum")
     trainer(max_steps=3, limit_val_batches=0).fit(model, loader(make_data()))
     assert len(calls) == 6
+    # the default projected update takes the base and TSD gradients apart: two more per step
+    calls.clear()
+    model = distiller(tsd_weight=1.0)
+    trainer(max_steps=3, limit_val_batches=0).fit(model, loader(make_data()))
+    assert len(calls) == 12
 
 
 def test_tsd_weight_zero_is_exactly_the_base_method():
