@@ -1,8 +1,9 @@
 """The test-split tables of issue 9, item 4: the chosen TSD candidate on top of KD and of DKD, both student
 sizes, paired, measured on the test split: student accuracy, agreement, IG-rho and occlusion-rho.
 
-Per (dataset, seed) the teacher (cached, ``common.get_teacher``) is trained on the whole train split
-(``common.Split("full", seed)``, the regime recipe). Per student size, one initialisation and one batch order
+Per (dataset, seed) the teacher is trained on the whole train split (``common.Split("full", seed)``, the
+regime recipe), recorded in ``results/regime_teachers.csv`` and cached (``regime.record_teacher``; a teacher
+another process is training is skipped for now, so ``regime.py teachers`` can run beside this). Per student size, one initialisation and one batch order
 are shared by four variants: ``kd`` (tsd_weight 0), ``kd+C`` (the candidate's options), ``dkd``
 (``base_loss="dkd"``, tsd_weight 0) and ``dkd+C`` (the candidate's options with ``base_loss="dkd"``). The
 candidate is a key of ``screen.ALL`` or ``package-default`` (the distiller's own defaults). On
@@ -105,8 +106,11 @@ def run_student(ctx: dict, size: str, args) -> None:
 def run_seed(name: str, seed: int, args) -> None:
     """Every missing row of one (dataset, seed): the teacher and its reference once, then each student size."""
     split = common.Split("full", seed)
+    if not common.teacher_path(name, split).exists() and not regime.record_teacher(name, split, refill=True):
+        print(f"{name} {split.key}: teacher being trained by another process; skipped for now", flush=True)
+        return
     dm = common.datamodule(name, split)
-    teacher, _ = common.get_teacher(name, split, dm)
+    teacher, _ = common.get_teacher(name, split, dm)  # trained and recorded above (regime_teachers.csv)
     run = screen.run_id(teacher)
     done = harness.done_keys(csv_path(), KEY)
     keys = [(name, str(seed), s, args.candidate, v, str(screen.steps_for(s, args.steps)), run)
