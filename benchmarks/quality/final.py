@@ -3,10 +3,10 @@ sizes, paired, measured on the test split: student accuracy, agreement, IG-rho a
 
 Per (dataset, seed) the teacher is trained on the whole train split (``common.Split("full", seed)``, the
 regime recipe), recorded in ``results/regime_teachers.csv`` and cached (``regime.record_teacher``; a teacher
-another process is training is skipped for now, so ``regime.py teachers`` can run beside this). Per student size, one initialisation and one batch order
-are shared by four variants: ``kd`` (tsd_weight 0), ``kd+C`` (the candidate's options), ``dkd``
-(``base_loss="dkd"``, tsd_weight 0) and ``dkd+C`` (the candidate's options with ``base_loss="dkd"``). The
-candidate is a key of ``screen.ALL`` or ``package-default`` (the distiller's own defaults). On
+another process is training is skipped for now, so ``regime.py teachers`` can run beside this). Per student
+size, one initialisation and one batch order are shared by four variants: ``kd`` (tsd_weight 0), ``kd+C``
+(the candidate's options), ``dkd`` (``base_loss="dkd"``, tsd_weight 0) and ``dkd+C`` (the candidate's options
+with ``base_loss="dkd"``). The candidate is a key of ``screen.ALL`` or ``package-default`` (the distiller's own defaults). On
 two-class datasets DKD equals KD (the non-target distribution has one class), so only ``kd`` and ``kd+C`` run.
 
 One CSV row per (dataset, seed, student, variant) in ``results/final.csv``; rows already there are skipped,
@@ -106,7 +106,7 @@ def run_student(ctx: dict, size: str, args) -> None:
 def run_seed(name: str, seed: int, args) -> None:
     """Every missing row of one (dataset, seed): the teacher and its reference once, then each student size."""
     split = common.Split("full", seed)
-    if not common.teacher_path(name, split).exists() and not regime.record_teacher(name, split, refill=True):
+    if not regime.record_teacher(name, split, refill=True):
         print(f"{name} {split.key}: teacher being trained by another process; skipped for now", flush=True)
         return
     dm = common.datamodule(name, split)
