@@ -58,14 +58,19 @@ class Split:
         return f"full_s{self.seed}" if self.kind == "full" else f"cv{CV_FOLDS}_r{self.seed}_f{self.fold}"
 
 
+RAW = "-raw"  # a dataset name ending in this: the dataset without z-normalisation (selection.md, amendment 8)
+
+
 def datamodule(name: str, split: Split):
-    """The set-up ``UCRDataModule`` of ``split`` (batch 16)."""
+    """The set-up ``UCRDataModule`` of ``split`` (batch 16); ``"<dataset>-raw"``: with ``normalize=False``."""
     from lightning_tsd.data import UCRDataModule
 
+    kw = dict(batch_size=BATCH_SIZE, seed=split.seed, normalize=not name.endswith(RAW))
+    name = name.removesuffix(RAW)
     if split.kind == "full":
-        dm = UCRDataModule(name, batch_size=BATCH_SIZE, val_fraction=0.0, seed=split.seed)
+        dm = UCRDataModule(name, val_fraction=0.0, **kw)
     else:
-        dm = UCRDataModule(name, batch_size=BATCH_SIZE, cv_folds=CV_FOLDS, fold=split.fold, seed=split.seed)
+        dm = UCRDataModule(name, cv_folds=CV_FOLDS, fold=split.fold, **kw)
     dm.setup()
     return dm
 

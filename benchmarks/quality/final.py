@@ -10,7 +10,8 @@ with ``base_loss="dkd"``). The candidate is a key of ``screen.ALL`` or ``package
 two-class datasets DKD equals KD (the non-target distribution has one class), so only ``kd`` and ``kd+C`` run.
 
 One CSV row per (dataset, seed, student, variant) in ``results/final.csv``; rows already there are skipped,
-and several processes can share the work (claims). ``report`` writes ``results/final.md`` and ``final.png``.
+and several processes can share the work (claims). JapaneseVowels runs without z-normalisation, as
+``JapaneseVowels-raw`` (``selection.md``, amendment 8). ``report`` writes ``results/final.md`` and ``final.png``.
 
 Usage::
 
@@ -137,7 +138,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["run", "report"])
     p.add_argument("--candidate", default=None, choices=[*screen.ALL, PACKAGE_DEFAULT])
-    p.add_argument("--datasets", nargs="+", default=regime.DATASETS)
+    p.add_argument("--datasets", nargs="+", default=regime.FINAL_DATASETS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--students", nargs="+", default=["tiny", "tenth"], choices=["tiny", "tenth", "gru"])
     p.add_argument(
