@@ -131,7 +131,10 @@ def intro_lines(csv_path: Path, rows: list[dict], n_old: int, options: dict[str,
         "Teachers: the package InceptionTime at its default size, trained per (dataset, seed) on the whole train "
         f"split with the regime recipe (AdamW {common.TEACHER_LR:g}, weight decay {common.TEACHER_WD:g}, per-step "
         f"cosine, batch {common.BATCH_SIZE}, max({common.TEACHER_MIN_EPOCHS} epochs, {common.TEACHER_MIN_STEPS} steps)); "
-        "every measure is on the test split.",
+        "every measure is on the test split. `JapaneseVowels-raw`: JapaneseVowels without z-normalisation, teachers "
+        "and students alike (selection.md, amendment 8: its normalised teachers missed the credibility criterion by "
+        "0.19); the selection ran it normalised, and IG's zero baseline and occlusion's zero fill are then a zero "
+        "level, not the series mean.",
         "Pairing: per (dataset, seed, student) the four variants share the student's initialisation, batch order "
         "and step count: `kd` (tsd_weight 0), `kd+C`, `dkd` (`base_loss=\"dkd\"`, alpha 1, beta 8, tsd_weight 0), "
         "`dkd+C`. Deltas = X+C − X on the same (dataset, seed); 95% t-intervals over those pairs.",
