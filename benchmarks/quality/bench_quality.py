@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 from quality_tables import summarize
-from quality_train import check_defaults, run
+from quality_train import run
 from quality_variants import DATASETS, DEFAULT_STUDENT, RESULTS, STUDENTS, VARIANTS
 from selection_tables import summarize_selection
 
@@ -105,7 +105,6 @@ def run_study(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
-    check_defaults()
     if args.split == "cv" and min(args.seeds) < 0:
         parser.error(
             "with --split cv, --seeds are block numbers >= 0 (fold = seed % 3, partition = seed // 3)"

@@ -13,7 +13,6 @@ from quality_variants import (
     CV_FOLDS,
     CV_SPLIT_SEED,
     DEFAULT_STUDENT,
-    DEFAULT_TSD,
     FIELDS,
     STUDENTS,
     TEACHER,
@@ -25,19 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/ha
 import harness  # noqa: E402
 
 IG_EVAL = dict(method="integrated_gradients", steps=32)  # captum IG, 32 steps, zero baseline
-
-
-def check_defaults() -> None:
-    """``DEFAULT_TSD`` must be what ``TemporalSaliencyDistiller`` does by default."""
-    import inspect
-
-    from lightning_tsd import TemporalSaliencyDistiller
-
-    params = inspect.signature(TemporalSaliencyDistiller).parameters
-    actual = {k: params[k].default for k in DEFAULT_TSD}
-    assert actual == DEFAULT_TSD, (
-        f"package defaults {actual} != DEFAULT_TSD {DEFAULT_TSD}: update the benchmark"
-    )
 
 
 def student_of(row: dict) -> str:

@@ -145,8 +145,13 @@ def _selection_rows(pooled: dict, chosen: str | None, why: str) -> list[str]:
     lines += ["", f"**Chosen: `{chosen}`** — {why}.", ""]
     if chosen is not None:
         settings = {k: v for k, v in VARIANTS[chosen].items() if k in DEFAULT_TSD}
-        now = "are" if settings == DEFAULT_TSD else "are NOT (update the package or this table)"
-        lines += [f"The chosen settings ({settings}) {now} the package default now.", ""]
+        now = "are" if settings == DEFAULT_TSD else "are not"
+        lines += [
+            f"The chosen settings ({settings}) {now} the settings this study shipped as `kd+tsd` "
+            "(w=0.25, by judgement: `benchmarks/README.md`). The package default has since moved to w=0.5 with "
+            "the projected update, chosen by the later selection (`fullsel.md`).",
+            "",
+        ]
     return lines
 
 
