@@ -207,9 +207,10 @@ def _curve_table() -> list[str]:
 
 def _status_lines() -> list[str]:
     rows = harness.read_rows(common.RESULTS / "regime_teachers.csv")
-    full = [r for r in rows if r["split"].startswith("full") and r["dataset"] in FINAL_DATASETS]
-    extra = sum(r["split"].startswith("full") and r["dataset"] not in FINAL_DATASETS for r in rows)
-    cv = [r for r in rows if not r["split"].startswith("full")]
+    all_full = [r for r in rows if r["split"].startswith("full")]
+    full = [r for r in all_full if r["dataset"] in FINAL_DATASETS]
+    extra = len(all_full) - len(full)
+    cv = len(rows) - len(all_full)
     fit = defaultdict(list)
     for r in rows:
         fit[r["dataset"]].append(float(r["fit_cpu_s"]) / 60)
@@ -218,7 +219,7 @@ def _status_lines() -> list[str]:
         "## Status",
         "",
         f"Teachers done: {len(full)} of {len(FINAL_DATASETS) * 5} full-split (6 datasets x 5 seeds, the test-split "
-        f"tables' datasets; {extra} more full-split teachers of datasets those tables do not use), {len(cv)} CV-block "
+        f"tables' datasets; {extra} more full-split teachers of datasets those tables do not use), {cv} CV-block "
         f"teachers. Mean CPU minutes per teacher so far: {per or '–'}.",
     ]
 
