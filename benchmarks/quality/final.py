@@ -15,9 +15,9 @@ and several processes can share the work (claims). JapaneseVowels runs without z
 
 Usage::
 
-    python benchmarks/quality/final.py run --candidate ig1u_project_w0.5 [--seeds 0 1 2 3 4] [--students tiny tenth]
+    python benchmarks/quality/final.py run --candidate project_w0.5 [--seeds 0 1 2 3 4] [--students tiny tenth]
     python benchmarks/quality/final.py report
-    python benchmarks/quality/final.py run --smoke /tmp/final_smoke --candidate ig1u_project_w0.5 \\
+    python benchmarks/quality/final.py run --smoke /tmp/final_smoke --candidate project_w0.5 \\
         --datasets ItalyPowerDemand --seeds 0 1 --students tiny --steps 20   # smoke test
 """
 
