@@ -138,7 +138,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["run", "report"])
     p.add_argument("--candidate", default=None, choices=[*screen.ALL, PACKAGE_DEFAULT])
-    p.add_argument("--datasets", nargs="+", default=regime.FINAL_DATASETS)
+    p.add_argument("--datasets", nargs="+", default=regime.FINAL_DATASETS, choices=regime.FINAL_DATASETS,
+                   help="default: the six of the tables (JapaneseVowels as JapaneseVowels-raw, amendment 8)")  # fmt: skip
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--students", nargs="+", default=["tiny", "tenth"], choices=["tiny", "tenth", "gru"])
     p.add_argument(
