@@ -234,10 +234,14 @@ class Reference:
     occ: list[torch.Tensor]
 
 
-def reference(teacher, loader) -> Reference:
+def reference(teacher, loader, with_maps: bool = True) -> Reference:
+    """The teacher's side of ``loader``; ``with_maps=False``: predicted classes only (empty map lists),
+    enough for :func:`agreement`."""
     batches = list(loader)
     with torch.no_grad():
         targets = [teacher(b["x"], mask=b.get("mask")).argmax(1) for b in batches]
+    if not with_maps:
+        return Reference(batches, targets, [], [])
     return Reference(
         batches, targets, maps(teacher, batches, targets, IG), maps(teacher, batches, targets, OCCLUSION)
     )
