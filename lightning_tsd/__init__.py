@@ -12,6 +12,15 @@ Example:
 from lightning_tsd._batch import InvalidBatchError, NonFiniteLossError
 from lightning_tsd.adapters import ModelAdapter, adapt_model, auto_adapt
 from lightning_tsd.attribution import saliency_pair, temporal_attribution
+from lightning_tsd.behaviour import (
+    Behaviour,
+    deletion_curve,
+    measure_behaviour,
+    perturb,
+    perturbed_agreement,
+    random_ranking,
+    teacher_ranking,
+)
 from lightning_tsd.cache import TeacherCache, TeacherCacheError
 from lightning_tsd.callbacks import (
     ReduceTSDWeightOnAgreementDrop,
@@ -28,6 +37,7 @@ from lightning_tsd.classifier import TimeSeriesClassifier
 from lightning_tsd.data import IndexedDataset, TimeSeriesDataset, UCRDataModule
 from lightning_tsd.ensemble import TeacherEnsemble
 from lightning_tsd.export import export_onnx
+from lightning_tsd.features import FeatureDistillation, fitnets_loss
 from lightning_tsd.losses import (
     TemporalSaliencyLoss,
     TSDOutput,
@@ -39,6 +49,7 @@ from lightning_tsd.losses import (
 from lightning_tsd.metrics import SaliencyAlignment, TeacherAgreement, TeacherStudentDivergence
 from lightning_tsd.module import TemporalSaliencyDistiller
 from lightning_tsd.plugins import AtomicCheckpointIO
+from lightning_tsd.recombination import recombine
 from lightning_tsd.report import (
     SubstitutionReport,
     SubstitutionReportCallback,
@@ -55,16 +66,25 @@ __all__ = [
     "adapt_model",
     "AtomicCheckpointIO",
     "auto_adapt",
+    "Behaviour",
     "check_saliency_options",
     "CorruptCheckpointError",
+    "deletion_curve",
     "dkd_loss",
     "export_onnx",
+    "FeatureDistillation",
+    "fitnets_loss",
     "IndexedDataset",
     "InvalidBatchError",
     "kd_loss",
     "load_teacher",
+    "measure_behaviour",
     "ModelAdapter",
     "NonFiniteLossError",
+    "perturb",
+    "perturbed_agreement",
+    "random_ranking",
+    "recombine",
     "ReduceTSDWeightOnAgreementDrop",
     "saliency_alignment_loss",
     "saliency_pair",
@@ -81,6 +101,7 @@ __all__ = [
     "TeacherCache",
     "TeacherCacheError",
     "TeacherEnsemble",
+    "teacher_ranking",
     "TeacherOutputs",
     "TeacherSource",
     "TeacherStudentDivergence",

@@ -105,15 +105,12 @@ def check_labels(y: Tensor | None, num_classes: int | None, *, check_range: bool
         )
 
 
-def unpack_batch(
-    batch: Any, *, num_classes: int | None = None, check_values: bool = True, deferred: bool = False
-) -> Batch:
+def unpack_batch(batch: Any, *, num_classes: int | None = None, deferred: bool = False) -> Batch:
     """Unpack and validate a batch into a :class:`Batch`.
 
     Args:
         batch: ``(x, y)``, ``(x, y, index)``, ``x`` alone, or a mapping with ``x``, ``y``, ``mask``, ``index``.
         num_classes: when given, labels are checked to lie in ``[0, num_classes)``.
-        check_values: check ``x`` for NaN/Inf (one reduction over the batch).
         deferred: check only types and shapes here, nothing that reads values back from the device; the
             caller checks values later with :func:`value_flags` (the training step reads them once).
 
@@ -138,7 +135,7 @@ def unpack_batch(
     else:
         x = batch
     x = as_bct(x)
-    if check_values and not deferred:
+    if not deferred:
         check_finite(x)
     mask = check_mask(mask, x, check_rows=not deferred)
     if y is not None:
@@ -230,6 +227,17 @@ def model_logits(output: Any) -> Tensor:
     if logits.ndim != 2:
         raise InvalidBatchError(f"a model must return logits of shape (B, K), got {tuple(logits.shape)}")
     return logits
+
+
+def floating_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter (the precision it computes in); None when it
+    has none (a parameter-free or integer-only model: callers pick their default, e.g. ``or torch.float32``).
+
+    Example:
+        >>> floating_dtype(torch.nn.Linear(2, 2).double()), floating_dtype(torch.nn.ReLU())
+        (torch.float64, None)
+    """
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 def _signature_accepts_mask(forward: Any) -> bool:

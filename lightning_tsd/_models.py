@@ -8,6 +8,7 @@ A module is used as it is, unless it is a raw Hugging Face time-series classifie
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import nn
@@ -70,6 +71,15 @@ def file_hparam(teacher: Any) -> Any:
 
 
 def infer_num_classes(model: nn.Module) -> int | None:
-    """Deprecated hint: the class count a model *declares* (``num_classes``, a config's ``num_labels``);
-    the distiller reads the real count from the models' outputs on the first batch."""
+    """Deprecated (removed in 0.3.0): the class count a model *declares* (``num_classes``, a config's
+    ``num_labels``), a hint only; use :func:`lightning_tsd.adapters.declared_num_classes`, or
+    :func:`lightning_tsd.adapters.infer_num_classes_from_outputs` for the real count, which the distiller
+    reads from the models' outputs on the first batch."""
+    warnings.warn(
+        "infer_num_classes is deprecated and will be removed in 0.3.0; use "
+        "lightning_tsd.adapters.declared_num_classes (a declared hint) or "
+        "lightning_tsd.adapters.infer_num_classes_from_outputs (the count the models output)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     return declared_num_classes(model)

@@ -36,12 +36,20 @@ def check_options(base_loss: Any, optimizer: Any, hparams: Mapping[str, Any]) ->
     tsd_weight, tsd_warmup, tsd_start = hparams["tsd_weight"], hparams["tsd_warmup"], hparams["tsd_start"]
     tsd_every_n_steps, tsd_gradient = hparams["tsd_every_n_steps"], hparams["tsd_gradient"]
     scheduler = hparams["scheduler"]
+    recombination_weight = hparams.get("recombination_weight", 0.0)
+    recombination_keep = hparams.get("recombination_keep", 0.5)
     if not (callable(base_loss) or base_loss in BASE_LOSSES):
         raise ValueError(
             f"unknown base_loss {base_loss!r}; choose one of {list(BASE_LOSSES)} or pass a callable"
         )
     if tsd_weight < 0 or not math.isfinite(tsd_weight):
         raise ValueError(f"tsd_weight must be a finite number >= 0, got {tsd_weight}")
+    if recombination_weight < 0 or not math.isfinite(recombination_weight):
+        raise ValueError(f"recombination_weight must be a finite number >= 0, got {recombination_weight}")
+    if not 0.0 < recombination_keep < 1.0:
+        raise ValueError(
+            f"recombination_keep is the fraction of each series' steps kept, in (0, 1), got {recombination_keep}"
+        )
     if not 0.0 <= tsd_warmup < 1.0:
         raise ValueError(f"tsd_warmup is a fraction of the fit in [0, 1), got {tsd_warmup}")
     if not 0.0 <= tsd_start < 1.0:

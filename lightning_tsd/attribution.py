@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from lightning_tsd._batch import Batch, as_bct, call_model, check_mask, unpack_batch
+from lightning_tsd._batch import Batch, as_bct, call_model, check_mask, floating_dtype, unpack_batch
 from lightning_tsd.kernels import saliency_kernels, unwrap_compiled
 
 CAPTUM_METHODS = {
@@ -103,17 +103,25 @@ def check_attribution_options(
     """
     if method in _DEPRECATED_METHODS:
         new = _DEPRECATED_METHODS[method]
-        warnings.warn(f"method={method!r} is deprecated; use {new!r}", DeprecationWarning, stacklevel=3)
+        warnings.warn(
+            f"method={method!r} is deprecated and will be removed in 0.3.0; use {new!r}",
+            DeprecationWarning,
+            stacklevel=3,
+        )
         method = new
     if method not in CAPTUM_METHODS:
         raise ValueError(f"unknown attribution method {method!r}; choose one of {list(CAPTUM_METHODS)}")
     if method_kwargs is not None:
-        warnings.warn("method_kwargs is deprecated; pass options=...", DeprecationWarning, stacklevel=3)
+        warnings.warn(
+            "method_kwargs is deprecated and will be removed in 0.3.0; pass options=...",
+            DeprecationWarning,
+            stacklevel=3,
+        )
     merged: dict[str, Any] = {}
     for name, value in {**(method_kwargs or {}), **(options or {})}.items():
         if name in _DEPRECATED_OPTIONS:
             warnings.warn(
-                f"option {name!r} is deprecated; use {_DEPRECATED_OPTIONS[name]!r}",
+                f"option {name!r} is deprecated and will be removed in 0.3.0; use {_DEPRECATED_OPTIONS[name]!r}",
                 DeprecationWarning,
                 stacklevel=3,
             )
@@ -246,7 +254,7 @@ def temporal_attribution(
         return call_model(model, inputs, mask)
 
     x = as_bct(x)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    dtype = floating_dtype(model) or torch.float32
     with torch.inference_mode(False), torch.enable_grad(), eval_mode(model), saliency_kernels(x.device):
         # Tensors made under inference mode cannot take part in autograd: clone them out of it.
         inputs = x.detach().to(dtype).clone().requires_grad_(method in _GRADIENT_METHODS)

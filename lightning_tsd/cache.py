@@ -13,16 +13,36 @@ when saliency is not cached. ``nbytes`` says what is held. Storage grows by doub
 warning says so once. Storage is indexed by sample index, so its size follows the largest index seen:
 an index whose row would not fit in ``max_bytes`` is never allocated (it is served live). Rows whose
 teacher logits or saliency are not finite are never stored.
+
+On disk: :meth:`TeacherCache.save` writes the rows with the cache's :attr:`~TeacherCache.key` (what they were
+computed with: a fingerprint of the teacher's weights, the saliency estimator, its options and target; see
+:func:`cache_key`) as tensors and plain data; :meth:`TeacherCache.load` reads them back with
+``torch.load(weights_only=True)``. :meth:`TeacherCache.check_key` refuses a cache made with another teacher or
+other options, and each row's input fingerprint refuses other data on the row's first hit, so a sweep of
+students can share one cache file (``lightning-tsd cache-teacher``) without distilling stale targets.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+
+from lightning_tsd.checkpoint import atomic_torch_save, safe_torch_load
+
+CACHE_FORMAT = "lightning-tsd-teacher-cache/1"
+REBUILD = (
+    "rebuild the cache file with this teacher and these options (`lightning-tsd cache-teacher --config ... "
+    "--output PATH`, or TeacherCache.save after a fit with teacher_cache=True), or pass teacher_cache=True "
+    "to fill a fresh cache during the fit"
+)
 
 
 class TeacherCacheError(ValueError):
@@ -35,6 +55,41 @@ def input_fingerprint(x: Tensor) -> Tensor:
     return torch.stack([flat.sum(1), flat.abs().sum(1)], dim=1)
 
 
+def weights_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of ``model``'s state dict (names, dtypes, shapes and values of its parameters and buffers).
+
+    Example:
+        >>> a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+        >>> weights_fingerprint(a) == weights_fingerprint(a), weights_fingerprint(a) == weights_fingerprint(b)
+        (True, False)
+    """
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.flatten().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def cache_key(
+    teacher: nn.Module, saliency: str, options: Mapping[str, Any] | None, saliency_target: str
+) -> dict[str, str]:
+    """What a cache's rows depend on besides the data: the teacher's weights (:func:`weights_fingerprint`),
+    the saliency estimator, its options (as sorted JSON) and the saliency target.
+
+    Example:
+        >>> key = cache_key(torch.nn.Linear(2, 2), "integrated_gradients", {"steps": 8}, "teacher")
+        >>> sorted(key), key["saliency_options"]
+        (['saliency', 'saliency_options', 'saliency_target', 'teacher'], '{"steps": 8}')
+    """
+    return {
+        "teacher": weights_fingerprint(teacher),
+        "saliency": str(saliency),
+        "saliency_options": json.dumps(dict(options or {}), sort_keys=True, default=repr),
+        "saliency_target": str(saliency_target),
+    }
+
+
 class TeacherCache:
     """Teacher logits (and saliency maps) stored per sample index.
 
@@ -42,6 +97,9 @@ class TeacherCache:
         max_bytes: upper bound on the memory the cache may hold (default 2 GiB).
         device: where entries live; CPU keeps accelerator memory free.
         check_inputs: compare each hit's input fingerprint with the stored one.
+
+    ``key`` (:func:`cache_key`) says what the rows were computed with; the distiller sets it on a cache that
+    has none and checks it on one that has. ``origin`` is the file a loaded cache came from.
 
     Example:
         >>> cache = TeacherCache()
@@ -65,6 +123,8 @@ class TeacherCache:
         self.verified: Tensor | None = None  # entries whose input was compared once since being stored
         self._pending: list[Tensor] = []  # indices added since the last sync across processes
         self._warned_full = False
+        self.key: dict[str, str] | None = None
+        self.origin: str | None = None
 
     def __len__(self) -> int:
         return 0 if self.filled is None else int(self.filled.sum())
@@ -156,10 +216,15 @@ class TeacherCache:
             same = torch.isclose(seen, stored, rtol=1e-5, atol=1e-6).all(1)
             if not bool(same.all()):
                 bad = index[unverified][~same].tolist()
+                fix = (
+                    "The cache is only valid when a sample is the same every epoch: turn off random "
+                    "augmentation, or set teacher_cache=False"
+                    if self.origin is None
+                    else f"The cache file {self.origin} was filled from other data (another dataset, split, "
+                    f"order or preprocessing): {REBUILD}"
+                )
                 raise TeacherCacheError(
-                    f"sample(s) with index {bad[:5]} changed since the teacher cache stored them. The cache is "
-                    "only valid when a sample is the same every epoch: turn off random augmentation, or set "
-                    "teacher_cache=False"
+                    f"sample(s) with index {bad[:5]} changed since the teacher cache stored them. {fix}"
                 )
             self.verified[safe[unverified]] = True
         logits = self.logits[safe].to(x.device)
@@ -313,3 +378,91 @@ class TeacherCache:
         self._pending = []
         if state["index"].numel():
             self._store_rows(state)
+
+    # ------------------------------------------------------------------ on disk
+    def check_key(self, expected: Mapping[str, str]) -> None:
+        """Adopt ``expected`` (:func:`cache_key`) as this cache's key if it has none; otherwise raise
+        :class:`TeacherCacheError` naming every field that differs.
+
+        Example:
+            >>> cache = TeacherCache()
+            >>> cache.check_key({"saliency": "gradient"})
+            >>> cache.check_key({"saliency": "occlusion"})  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            lightning_tsd.cache.TeacherCacheError: the teacher cache was made with another saliency estimator (cache: 'gradient', now: 'occlusion'): ...
+        """
+        if self.key is None:
+            self.key = dict(expected)
+            return
+        names = {
+            "teacher": "another teacher (its weights differ)",
+            "saliency": "another saliency estimator",
+            "saliency_options": "other saliency options",
+            "saliency_target": "another saliency_target",
+        }
+        differ = [
+            names.get(field, f"another {field}")
+            + (
+                ""
+                if field == "teacher"
+                else f" (cache: {self.key.get(field)!r}, now: {expected.get(field)!r})"
+            )
+            for field in sorted(set(self.key) | set(expected))
+            if self.key.get(field) != expected.get(field)
+        ]
+        if differ:
+            where = f" in {self.origin}" if self.origin else ""
+            raise TeacherCacheError(
+                f"the teacher cache{where} was made with {', '.join(differ)}: its rows are not this teacher's "
+                f"outputs. Use the teacher and options it was made with, or {REBUILD}"
+            )
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the cache's rows and :attr:`key` to ``path`` (tensors and plain data, atomically).
+
+        Raises:
+            TeacherCacheError: the cache has no ``key`` (it could not be checked when loaded).
+
+        Example:
+            >>> import os, tempfile
+            >>> teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8, 3))
+            >>> cache = TeacherCache()
+            >>> cache.check_key(cache_key(teacher, "gradient", {}, "teacher"))
+            >>> x = torch.randn(2, 1, 8)
+            >>> cache.put(torch.tensor([0, 1]), teacher(x), torch.rand(2, 8), x)
+            >>> path = os.path.join(tempfile.mkdtemp(), "cache.pt")
+            >>> cache.save(path)
+            >>> loaded = TeacherCache.load(path)
+            >>> len(loaded), torch.equal(loaded.logits[:2], cache.logits[:2])
+            (2, True)
+        """
+        if self.key is None:
+            raise TeacherCacheError(
+                "this teacher cache has no key (what its rows were computed with), so it could not be checked "
+                "when loaded: call cache.check_key(lightning_tsd.cache.cache_key(teacher, saliency, options, "
+                "saliency_target)) first (the distiller does it in setup)"
+            )
+        atomic_torch_save({"format": CACHE_FORMAT, "key": dict(self.key), **self.state_dict()}, path)
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, max_bytes: int = 2 * 1024**3, device: str | torch.device = "cpu"
+    ) -> TeacherCache:
+        """Read a cache written by :meth:`save` with ``torch.load(weights_only=True)``.
+
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            lightning_tsd.UnsafeCheckpointError: the file needs unpickling beyond tensors and plain data.
+            TeacherCacheError: the file is not a teacher cache.
+        """
+        payload = safe_torch_load(path)
+        if not isinstance(payload, dict) or payload.get("format") != CACHE_FORMAT:
+            raise TeacherCacheError(
+                f"{path} is not a lightning-tsd teacher cache (expected format {CACHE_FORMAT!r}); write one with "
+                "`lightning-tsd cache-teacher` or TeacherCache.save"
+            )
+        cache = cls(max_bytes=max_bytes, device=device)
+        cache.load_state_dict(payload)
+        cache.key, cache.origin = dict(payload["key"]), str(path)
+        return cache

@@ -12,6 +12,10 @@
 * ``lightning-tsd demo``: :func:`lightning_tsd.demo.run_demo`, the whole story on GunPoint. The demo and the
   training helpers live in :mod:`lightning_tsd.demo` (their old names here warn, and still work).
 * ``lightning-tsd export --ckpt_path CKPT --output student.onnx``: a checkpoint's student as ONNX.
+* ``lightning-tsd cache-teacher --config CONFIG --output teacher_cache.pt``: the teacher's logits and saliency
+  for every training sample of a config, computed once (with a progress bar) and written as a
+  :class:`~lightning_tsd.TeacherCache` file that any number of ``fit --config CONFIG
+  --model.teacher_cache=teacher_cache.pt`` runs then share (a sweep of students pays the teacher once).
 
 Example:
     >>> config_path("gunpoint").name
@@ -34,15 +38,17 @@ from typing import Any
 
 import torch
 from lightning.pytorch.cli import LightningCLI
+from tqdm.auto import tqdm
 
 from lightning_tsd import demo as _demo
+from lightning_tsd.cache import TeacherCache
 from lightning_tsd.checkpoint import safe_torch_load
 from lightning_tsd.data import UCRDataModule
 from lightning_tsd.demo import ConfigError
 from lightning_tsd.module import TemporalSaliencyDistiller
 
 __all__ = ["ConfigError", "bundled_configs", "config_path", "check_models_fit_data", "TSDLightningCLI"]
-__all__ += ["run_lightning_cli", "build_parser", "export_checkpoint", "main"]
+__all__ += ["run_lightning_cli", "build_parser", "export_checkpoint", "cache_teacher", "main"]
 
 
 def __getattr__(name: str) -> Any:
@@ -154,7 +160,8 @@ def run_lightning_cli(argv: Sequence[str] | None = None, run: bool = True) -> TS
     description = (
         "Temporal Saliency Distillation with LightningCLI. Bundled configs: "
         f"{', '.join(bundled_configs())} (e.g. `lightning-tsd fit --config gunpoint`). More commands: "
-        "`lightning-tsd demo --help`, `lightning-tsd train-teacher --help`, `lightning-tsd export --help`."
+        "`lightning-tsd demo --help`, `lightning-tsd train-teacher --help`, `lightning-tsd export --help`, "
+        "`lightning-tsd cache-teacher --help`."
     )
     return TSDLightningCLI(
         TemporalSaliencyDistiller,
@@ -164,6 +171,39 @@ def run_lightning_cli(argv: Sequence[str] | None = None, run: bool = True) -> TS
         auto_configure_optimizers=False,  # the distiller has its own optimizer/lr/scheduler arguments
         parser_kwargs={"prog": "lightning-tsd", "description": description},
     )
+
+
+# --- cache-teacher ----------------------------------------------------------------------------------------
+
+
+def cache_teacher(argv: Sequence[str], progress: bool = True) -> TeacherCache:
+    """``lightning-tsd cache-teacher --output FILE`` followed by a ``fit`` command's config arguments: fill the
+    teacher cache of that config's distiller in one pass over its training data and write it to ``FILE``
+    (default ``teacher_cache.pt``); returns the cache.
+
+    The cache is keyed by the teacher's weights and the config's saliency estimator, options and target
+    (:func:`lightning_tsd.cache.cache_key`), and each row by its input, so a ``fit`` with another teacher,
+    other options or other data refuses it. Pass it on as ``--model.teacher_cache=FILE``.
+    """
+    parser = argparse.ArgumentParser(
+        prog="lightning-tsd cache-teacher",
+        description="Compute the teacher's logits and saliency for a config's training data once, and write "
+        "them as a teacher cache file. Every other argument is a `lightning-tsd fit` argument (--config, "
+        "--model.teacher, --model.saliency_options, --data.* ...).",
+    )
+    parser.add_argument("--output", default="teacher_cache.pt", help="cache file (default: teacher_cache.pt)")
+    own, rest = parser.parse_known_args(list(argv))
+    cli = run_lightning_cli([*rest, "--model.teacher_cache=true"], run=False)  # a fresh in-memory cache
+    distiller, data = cli.model, cli.datamodule
+    loader = data.train_dataloader()
+    batches = tqdm(loader, desc="teacher cache", unit="batch", total=len(loader), disable=not progress)
+    count = distiller.precompute_teacher_cache(batches)
+    cache = distiller.teacher_cache
+    assert cache is not None  # teacher_cache=true
+    cache.save(own.output)
+    print(f"teacher cache of {count} {data.name} training samples written to {own.output}")
+    print(f"use it with: lightning-tsd fit {' '.join(rest)} --model.teacher_cache={own.output}")
+    return cache
 
 
 # --- export ---------------------------------------------------------------------------------------------
@@ -272,6 +312,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``lightning-tsd`` console script."""
     args = sys.argv[1:] if argv is None else list(argv)
     try:
+        if args and args[0] == "cache-teacher":
+            cache_teacher(args[1:])
+            return
         if not (args and args[0] in ("demo", "train-teacher", "export")):
             run_lightning_cli(None if argv is None else args)
             return

@@ -317,7 +317,7 @@ def run_demo(
     report_options: dict[str, Any] = {
         "method": "integrated_gradients",
         "max_batches": 1 if fast else None,
-        "method_kwargs": {"n_steps": 8 if fast else REPORT_IG_STEPS},
+        "options": {"steps": 8 if fast else REPORT_IG_STEPS},
     }
 
     print(

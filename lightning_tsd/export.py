@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lightning_tsd._batch import as_bct, call_model
+from lightning_tsd._batch import as_bct, call_model, floating_dtype
 from lightning_tsd.attribution import eval_mode
 
 __all__ = ["check_onnx", "export_onnx"]
@@ -95,7 +95,7 @@ def export_onnx(
         )
     example_x = as_bct(example_x, where="example_x").detach()
     device = next((p.device for p in model.parameters()), example_x.device)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    dtype = floating_dtype(model) or torch.float32
     example_x = example_x.to(device=device, dtype=dtype)
     if dynamic_batch and example_x.shape[0] == 1:
         example_x = example_x.repeat(2, 1, 1)

@@ -224,9 +224,10 @@ def teacher_outputs(
     mask: Tensor | None = None,
     **options: Any,
 ) -> tuple[Tensor, Tensor | None]:
-    """Deprecated: use :class:`lightning_tsd.teacher.TeacherSource` (``.live(x, y, mask)``)."""
+    """Deprecated, removed in 0.3.0: use :class:`lightning_tsd.teacher.TeacherSource` (``.live(x, y, mask)``)."""
     warnings.warn(
-        "lightning_tsd.losses.teacher_outputs is deprecated; use lightning_tsd.teacher.TeacherSource",
+        "lightning_tsd.losses.teacher_outputs is deprecated and will be removed in 0.3.0; "
+        "use lightning_tsd.teacher.TeacherSource",
         DeprecationWarning,
         stacklevel=2,
     )

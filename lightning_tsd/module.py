@@ -2,14 +2,17 @@
 
 The module is glue. The training step reads top to bottom: unpack the batch (types and shapes) → the
 teacher's logits and saliency (:class:`~lightning_tsd.teacher.TeacherSource`: cache or one live forward) →
-the student once (logits and differentiable saliency from the same forward) and the TSD term → the losses
-(and, optionally, how the TSD gradient joins the base gradient: :mod:`lightning_tsd.gradients`) → one
+the student once (logits and differentiable saliency from the same forward) and the TSD term → the losses,
+with the FitNets term when layers are paired (:mod:`lightning_tsd.features`: hooks catch both models'
+features during those forwards) (and, optionally, how the TSD gradient joins the base gradient: :mod:`lightning_tsd.gradients`) → one
 check of every value (:class:`~lightning_tsd.guard.BadBatchGuard`, one host read) → log.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import lightning.pytorch as pl
@@ -45,13 +48,16 @@ from lightning_tsd._options import (
     tsd_weight_at,
 )
 from lightning_tsd._state import EvaluationHooks, ResumableState
-from lightning_tsd.cache import TeacherCache
+from lightning_tsd.cache import TeacherCache, cache_key
 from lightning_tsd.checkpoint import model_spec
+from lightning_tsd.features import FeatureDistillation, example_input
 from lightning_tsd.gradients import combined_loss, weighted_sum
 from lightning_tsd.guard import BadBatchGuard, Verdict, locate
-from lightning_tsd.losses import BaseLoss, TemporalSaliencyLoss, base_distillation_loss
+from lightning_tsd.kernels import batchnorm_eval
+from lightning_tsd.losses import BaseLoss, TemporalSaliencyLoss, base_distillation_loss, kd_loss
 from lightning_tsd.metrics import DistillationMetrics, TeacherAgreement
 from lightning_tsd.plugins import CheckedCheckpointIO
+from lightning_tsd.recombination import recombine
 from lightning_tsd.teacher import TeacherOutputs, TeacherSource, teacher_options
 
 __all__ = ["OPTIMIZERS", "SCHEDULERS", "TemporalSaliencyDistiller", "infer_num_classes"]
@@ -96,10 +102,26 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
         optimizer: ``"adam"``, ``"adamw"``, ``"sgd"``, or a callable ``params -> Optimizer``.
         weight_decay: optimizer weight decay.
         scheduler: None, ``"cosine"`` (cosine annealing over the fit) or ``"onecycle"``.
-        teacher_cache: True (or a :class:`TeacherCache`): the teacher's outputs kept per sample ``index``.
+        teacher_cache: True (or a :class:`TeacherCache`): the teacher's outputs kept per sample ``index``; or the
+            path of a cache file (``lightning-tsd cache-teacher``, :meth:`TeacherCache.save`), loaded here and
+            refused when it was made with another teacher, other saliency options or (on a sample's first hit)
+            other data.
         num_classes: the number of classes; when given, the models' outputs must agree with it.
         on_bad_batch: NaN/Inf in ``x`` or the loss: ``"raise"`` an error before the optimizer step, or ``"skip"``
             the step on every process (counted in ``train/skipped_batches``). Bad labels or masks always raise.
+        feature_pairs: FitNets hints (:mod:`lightning_tsd.features`): ``{student_layer: teacher_layer}`` module
+            names, each relative to its model (``{"blocks.1": "blocks.4"}``); a learned projector per pair where
+            widths differ, trained with the student and saved in checkpoints. Logged as ``train/feature``. The
+            teacher's features come from its live forward: with a teacher cache, one no-grad teacher forward
+            per step gives them.
+        feature_weight: weight of the feature term.
+        feature_layout: ``"BCT"`` or ``"BTC"``, the layout of 3-D features (or a ``[student, teacher]`` pair).
+        feature_input_shape: ``(C, T)`` of the input used once to read the feature widths (default: what the
+            student declares, :func:`~lightning_tsd.features.example_input`).
+        recombination_weight: weight of the base loss on saliency-guided recombinations of each batch
+            (:mod:`lightning_tsd.recombination`): every series keeps the steps its teacher map ranks highest and
+            takes the rest from a series of another teacher class; the teacher runs live on them. 0: off.
+        recombination_keep: fraction of each series' steps kept in a recombination.
 
     Example:
         >>> teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32, 3))
@@ -136,9 +158,15 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
         optimizer: str | Callable[..., torch.optim.Optimizer] = "adam",
         weight_decay: float = 0.0,
         scheduler: str | None = None,
-        teacher_cache: bool | TeacherCache = False,
+        teacher_cache: bool | str | os.PathLike | TeacherCache = False,
         num_classes: int | None = None,
         on_bad_batch: str = "raise",
+        feature_pairs: dict[str, str] | None = None,
+        feature_weight: float = 1.0,
+        feature_layout: str | list[str] = "BCT",
+        feature_input_shape: tuple[int, int] | None = None,
+        recombination_weight: float = 0.0,
+        recombination_keep: float = 0.5,
     ) -> None:
         super().__init__()
         self.guard = BadBatchGuard(on_bad_batch)
@@ -157,11 +185,14 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
         self.teacher = teacher.requires_grad_(False).eval()
         self.student = student if student_train_mode else student.eval()
         self.base_loss, self.optimizer = base_loss, optimizer
-        cache = (
-            teacher_cache
-            if isinstance(teacher_cache, TeacherCache)
-            else (TeacherCache() if teacher_cache else None)
-        )
+        if isinstance(teacher_cache, (str, os.PathLike)):
+            cache: TeacherCache | None = TeacherCache.load(teacher_cache)
+        else:
+            cache = (
+                teacher_cache
+                if isinstance(teacher_cache, TeacherCache)
+                else (TeacherCache() if teacher_cache else None)
+            )
         options = saliency_options or {}
         teacher_opts = teacher_options(saliency_options, teacher_saliency_options)
         self.source = TeacherSource(self.teacher, saliency, teacher_opts, saliency_target, cache)
@@ -173,6 +204,17 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
             saliency_smoothing,
             teacher_opts,
             **options,
+        )
+        if cache is not None and cache.key is not None:  # a cache made with another teacher or options
+            cache.check_key(self._cache_key())
+        if feature_pairs and not feature_weight > 0:
+            raise ValueError(f"feature_weight must be > 0 with feature_pairs, got {feature_weight}")
+        self.features = (
+            FeatureDistillation(
+                student, teacher, feature_pairs, example_input(student, feature_input_shape), feature_layout
+            )
+            if feature_pairs
+            else None
         )
         self.num_classes = num_classes if num_classes is not None else agreed_hint(teacher, student)
         self._classes_read = False  # set once the models' outputs have given the class count
@@ -197,6 +239,17 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
         strategy = self.trainer.strategy
         if not isinstance(strategy.checkpoint_io, CheckedCheckpointIO):
             strategy.checkpoint_io = CheckedCheckpointIO(strategy.checkpoint_io)
+        self._key_teacher_cache()
+
+    def _cache_key(self) -> dict[str, str]:
+        """What the teacher cache's rows depend on: this teacher's weights, estimator, options and target."""
+        source = self.source
+        return cache_key(self.teacher, source.saliency, source.saliency_options, source.saliency_target)
+
+    def _key_teacher_cache(self) -> None:
+        """Key a teacher cache that has no key yet to this teacher and its options (so that it can be saved)."""
+        if self.teacher_cache is not None and self.teacher_cache.key is None:
+            self.teacher_cache.check_key(self._cache_key())
 
     def train(self, mode: bool = True) -> TemporalSaliencyDistiller:
         """Lightning toggles train mode on the whole module: keep the teacher in eval mode regardless."""
@@ -246,20 +299,33 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
         that missed a sample is asked again, with the student's buffers restored first."""
         self._read_classes(b)
         safe = clamp_labels(b, self.num_classes)  # bad labels are reported by the guard, after one host read
-        with_saliency = weight > 0 or (self.teacher_cache is not None and self.hparams.tsd_weight > 0)
+        with_saliency = weight > 0 or self.hparams.recombination_weight > 0
+        with_saliency = with_saliency or (self.teacher_cache is not None and self._teacher_maps_needed)
         for refresh in (False, True):
-            teacher = self.source.outputs(*safe, with_saliency=with_saliency, refresh=refresh, validated=True)
-            loss, parts, student_logits = self._losses(safe, teacher, weight)
+            with self._capture_features(b) as features:
+                teacher = self.source.outputs(
+                    *safe, with_saliency=with_saliency, refresh=refresh, validated=True
+                )
+                loss, parts, student_logits = self._losses(safe, teacher, weight, features)
             verdict = self.guard.inspect(b, self.num_classes, loss, parts, snapshot, teacher.all_cached)
             if not verdict.cache_missed:
                 break
             self.guard.restore(snapshot)
         return loss, parts, student_logits, teacher, verdict
 
+    def _capture_features(self, b: Batch) -> Any:
+        """Hooks on the feature pairs' layers for this step (none without ``feature_pairs``); the teacher's
+        only when it runs on the whole batch (no cache, or no ``index``)."""
+        if self.features is None:
+            return nullcontext(None)
+        live = self.teacher_cache is None or b.index is None
+        return self.features.capture(b.x.shape[0], teacher=live)
+
     def _losses(
-        self, b: Batch, teacher: TeacherOutputs, weight: float
+        self, b: Batch, teacher: TeacherOutputs, weight: float, features: dict[str, list] | None = None
     ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-        """The total loss, its parts and the student's logits for a batch whose teacher outputs are known."""
+        """The total loss, its parts and the student's logits for a batch whose teacher outputs are known
+        (``features``: what the feature pairs' hooks caught in this step)."""
         if teacher.logits.ndim != 2 or teacher.logits.shape[1] != (
             self.num_classes or teacher.logits.shape[1]
         ):
@@ -272,6 +338,10 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
             student_logits, parts["tsd"] = out.student_logits, out.loss
         else:
             student_logits = call_model(self.student, b.x, b.mask)
+        if features is not None:
+            parts["feature"] = self._feature_loss(b, features)
+        if self.hparams.recombination_weight > 0:
+            parts["recombined"] = self._recombined_loss(b, teacher)
         if self.hparams.ce_weight > 0:
             assert b.y is not None  # _unpack refuses unlabelled training batches when ce_weight > 0
             parts["ce"] = F.cross_entropy(student_logits.float(), b.y)
@@ -280,13 +350,53 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
             parts["kd"] = base
         return self._total(parts, weight, student_logits), parts, student_logits
 
+    def _feature_loss(self, b: Batch, features: dict[str, list]) -> Tensor:
+        """The FitNets term. The teacher's features come from its live forward in this step; when its outputs
+        came from the cache, from one no-grad teacher forward."""
+        assert self.features is not None
+        if any(f is None for f in features["teacher"]):
+            with torch.no_grad(), self.features.capture(b.x.shape[0], student=False) as extra:
+                call_model(self.teacher, b.x, b.mask)
+            features = {"student": features["student"], "teacher": extra["teacher"]}
+        return self.features(features)
+
+    def _recombined_loss(self, b: Batch, teacher: TeacherOutputs) -> Tensor:
+        """KD (temperature ``temperature``) on saliency-guided recombinations of the batch: the teacher runs
+        live on them, the student with its BatchNorm statistics untouched (they see real samples only).
+        The partners are drawn from a generator seeded by the global seed and step (a resume is exact)."""
+        assert teacher.saliency is not None  # with_saliency is on whenever recombination_weight > 0
+        classes = teacher.logits.detach().argmax(dim=1)
+        maps = teacher.saliency
+        if maps.ndim == 3:  # saliency_target="distribution": the map of the teacher's class
+            maps = maps[torch.arange(maps.shape[0], device=maps.device), classes]
+        seed = (torch.initial_seed() + self.global_step) % 2**63
+        generator = torch.Generator(device=b.x.device).manual_seed(seed)
+        x = recombine(b.x, maps, classes, self.hparams.recombination_keep, mask=b.mask, generator=generator)
+        with torch.no_grad():
+            teacher_logits = call_model(self.teacher, x, b.mask)
+        with batchnorm_eval(self.student):
+            student_logits = call_model(self.student, x, b.mask)
+        return kd_loss(student_logits.float(), teacher_logits.float(), self.hparams.temperature)
+
+    @property
+    def _teacher_maps_needed(self) -> bool:
+        """Whether any term uses the teacher's maps (TSD, or the recombinations)."""
+        return self.hparams.tsd_weight > 0 or self.hparams.recombination_weight > 0
+
+    def _trained_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer trains: the student's parameters and the feature projectors'."""
+        modules = [self.student] if self.features is None else [self.student, self.features]
+        return [p for module in modules for p in module.parameters() if p.requires_grad]
+
     def _total(self, parts: dict[str, Tensor], weight: float, student_logits: Tensor) -> Tensor:
         hp = self.hparams
         base = weighted_sum(
-            {k: v for k, v in parts.items() if k != "tsd"}, {"ce": hp.ce_weight, "kd": hp.kd_weight}
+            {k: v for k, v in parts.items() if k != "tsd"},
+            {"ce": hp.ce_weight, "kd": hp.kd_weight, "feature": hp.feature_weight}
+            | {"recombined": hp.recombination_weight},
         )
         separate = hp.tsd_gradient != "sum" and "tsd" in parts  # only then are the gradients taken apart
-        params = [p for p in self.student.parameters() if p.requires_grad] if separate else []
+        params = self._trained_parameters() if separate else []
         ddp = self._trainer is not None and self.trainer.world_size > 1  # project global gradients
         reduce = (lambda v: self.trainer.strategy.reduce(v, reduce_op="mean")) if ddp else None
         return combined_loss(base, parts.get("tsd"), weight, hp.tsd_gradient, params, student_logits, reduce)
@@ -387,7 +497,7 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        params = [p for p in self.student.parameters() if p.requires_grad]
+        params = self._trained_parameters()
         optimizer = build_optimizer(params, self.optimizer, hp.lr, hp.weight_decay)
         if hp.scheduler is None:
             return optimizer
@@ -396,6 +506,8 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
 
     def precompute_teacher_cache(self, dataloader: Any) -> int:
         """Fill the teacher cache in one pass over ``dataloader`` (batches must carry ``index``); returns the
-        number of cached samples. Call it before ``trainer.fit`` (under DDP every rank runs the whole loader)."""
+        number of cached samples. Call it before ``trainer.fit`` (under DDP every rank runs the whole loader).
+        The cache is keyed to this teacher and its options first, so it can be saved."""
+        self._key_teacher_cache()
         batches = (self._unpack(move_data_to_device(b, self.device), i) for i, b in enumerate(dataloader))
-        return self.source.precompute(batches, with_saliency=self.hparams.tsd_weight > 0)
+        return self.source.precompute(batches, with_saliency=self._teacher_maps_needed)

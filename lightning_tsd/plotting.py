@@ -8,11 +8,12 @@ few series as one stacked image (the demo's ``saliency.png``). Plain torch and m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib
 import numpy as np
 import torch
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor, nn
@@ -225,10 +226,17 @@ def plot_substitution_report(
     min_agreement: float,
     checks: Sequence[Check],
     cost: dict,
+    *,
+    curves: tuple[Sequence[float], Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]]] | None = None,
 ) -> Figure:
     """The substitution report's figure: the teacher-vs-student confusion matrix, agreement per
-    teacher-predicted class against ``min_agreement``, and a panel with every check (``(name, value, op,
-    threshold, passed)``, green ``pass`` / red ``FAIL``) and each model's cost; the title names failed checks.
+    teacher-predicted class against ``min_agreement``, the deletion and keep curves when ``curves`` is
+    given, and a panel with every check (``(name, value, op, threshold, passed)``, green ``pass`` / red
+    ``FAIL``) and each model's cost; the title names failed checks.
+
+    ``curves`` is ``(fractions, curves[model][mode][ranking])`` as in
+    :class:`lightning_tsd.behaviour.Behaviour`: the student's curves are drawn thick with markers, the
+    teacher's own thin; red for delete, blue for keep; solid for the teacher's ranking, dashed for random.
 
     Example:
         >>> fig = plot_substitution_report([[3, 1], [0, 4]], [0.75, 1.0], [4, 4], 0.95,
@@ -236,8 +244,10 @@ def plot_substitution_report(
         >>> fig._suptitle.get_text()
         'can substitute: no (failed: agreement)'
     """
-    fig = Figure(figsize=(14, 4), dpi=100, layout="constrained")
-    ax_cm, ax_bar, ax_text = fig.subplots(1, 3, width_ratios=[1, 1, 0.9])
+    fig = Figure(figsize=(14 if curves is None else 18, 4), dpi=100, layout="constrained")
+    widths = [1, 1, 0.9] if curves is None else [1, 1, 1, 0.9]
+    *ax_plots, ax_text = fig.subplots(1, len(widths), width_ratios=widths)
+    ax_cm, ax_bar = ax_plots[:2]
     matrix = np.asarray(confusion)
     image = ax_cm.imshow(matrix, cmap="Blues")
     for (t, s), count in np.ndenumerate(matrix):
@@ -259,15 +269,45 @@ def plot_substitution_report(
     )
     ax_bar.set_xticks(ticks)
     ax_bar.legend(loc="lower right")
+    if curves is not None:
+        _plot_curves(ax_plots[2], *curves)
     ax_text.set_axis_off()
     ax_text.set_title("checks and cost")
     style = {"transform": ax_text.transAxes, "va": "top"}
+    step = min(0.12, 0.95 / max(1, len(checks) + len(cost)))
     for i, (name, value, op, threshold, passed) in enumerate(checks):
         text = f"{'pass' if passed else 'FAIL'}  {name} = {format_value(value)}, rule {op} {format_value(threshold)}"
-        ax_text.text(0.0, 0.95 - 0.12 * i, text, color="tab:green" if passed else "tab:red", **style)
+        ax_text.text(0.0, 0.95 - step * i, text, color="tab:green" if passed else "tab:red", **style)
     for i, (model, m) in enumerate(cost.items(), len(checks)):
         text = f"{model}: {m['params']:,} parameters, {m['bytes'] / 1024:.1f} KiB, {m['latency_ms']:.2f} ms"
-        ax_text.text(0.0, 0.95 - 0.12 * i, text, color="black", **style)
+        ax_text.text(0.0, 0.95 - step * i, text, color="black", **style)
     failed = [name for name, *_, passed in checks if not passed]
     fig.suptitle(f"can substitute: {'no (failed: ' + ', '.join(failed) + ')' if failed else 'yes'}")
     return fig
+
+
+def _plot_curves(
+    ax: Axes,
+    fractions: Sequence[float],
+    curves: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]],
+) -> None:
+    """Agreement against the share of steps deleted or kept: teacher-ranked (solid) vs random (dashed)."""
+    percent = 100 * np.asarray(fractions, dtype=float)
+    for model, width, alpha, marker in (("teacher", 1.0, 0.45, None), ("student", 2.0, 1.0, "o")):
+        for mode, color in (("delete", "C3"), ("keep", "C0")):
+            for ranking, style in (("teacher", "-"), ("random", "--")):
+                label = f"{mode}, {'teacher-ranked' if ranking == 'teacher' else 'random'}"
+                ax.plot(
+                    percent,
+                    curves[model][mode][ranking],
+                    color=color,
+                    linestyle=style,
+                    linewidth=width,
+                    alpha=alpha,
+                    marker=marker,
+                    label=label if model == "student" else None,
+                )
+    ax.plot([], [], color="0.5", linewidth=1.0, alpha=0.45, label="thin: the teacher itself")
+    ax.set(xlabel="steps deleted / kept (%)", ylabel="agreement with the teacher (clean)", ylim=(-0.02, 1.05))
+    ax.set_title("deletion and keep curves")
+    ax.legend(loc="best", fontsize="small", handlelength=3.5)

@@ -5,8 +5,10 @@ of each, their agreement (overall and per teacher-predicted class), KL/JS diverg
 and the teacher-vs-student confusion matrix, all through torchmetrics classes (so, under
 ``torch.distributed``, call it on every rank: the numbers sync; the worst-sample list is per rank). The
 verdict checks them against :class:`SubstitutionThresholds`. ``cost`` holds each model's parameter count,
-serialized size and forward latency. :class:`SubstitutionReportCallback` writes the report after
-``trainer.test``. The report's types and rendering live in :mod:`lightning_tsd.verdict` (re-exported here).
+serialized size and forward latency. ``behaviour`` holds the behavioural checks of
+:func:`lightning_tsd.behaviour.measure_behaviour` (agreement under noise and masked windows, deletion and
+keep curves), measured on the first ``max_series`` series (per rank under ``torch.distributed``).
+:class:`SubstitutionReportCallback` writes the report after ``trainer.test``. The report's types and rendering live in :mod:`lightning_tsd.verdict` (re-exported here).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torchmetrics.classification import (
 
 from lightning_tsd._batch import Batch, unpack_batch
 from lightning_tsd.attribution import check_attribution_options, eval_logits, saliency_pair
+from lightning_tsd.behaviour import check_behaviour_options, measure_behaviour
 from lightning_tsd.callbacks import teacher_student
 from lightning_tsd.export import model_cost
 from lightning_tsd.functional import teacher_student_divergence
@@ -97,6 +100,8 @@ def substitution_report(
     options: Mapping[str, Any] | None = None,
     *,
     method_kwargs: Mapping[str, Any] | None = None,
+    behaviour: bool = True,
+    behaviour_options: Mapping[str, Any] | None = None,
 ) -> SubstitutionReport:
     """Compare ``student`` with ``teacher`` over ``dataloader`` and judge whether it can replace it.
 
@@ -104,7 +109,10 @@ def substitution_report(
     :func:`lightning_tsd.attribution.temporal_attribution` with ``method`` for the teacher's predicted
     class; ``method=None`` skips it and its check. Worst samples are named by the batch's ``index`` when it
     has one, else by their position in the iteration. ``cost`` is measured with :func:`model_cost` on the
-    first batch (per rank under ``torch.distributed``, like the worst samples).
+    first batch (per rank under ``torch.distributed``, like the worst samples). The behavioural checks
+    (:func:`~lightning_tsd.behaviour.measure_behaviour`) run on the first ``max_series`` (128) series: about
+    ``2 * repeats + 2 * len(fractions) * (repeats + 1)`` extra forwards of each model, plus the teacher's
+    occlusion map (about ``20`` forwards); ``behaviour=False`` skips them and their checks.
 
     Args:
         teacher: the reference model, ``(B, C, T) -> (B, K)``.
@@ -117,6 +125,11 @@ def substitution_report(
         num_worst: how many largest-KL samples to list.
         options: the method's options (e.g. ``{"steps": 16}``; ``window``, ``stride`` for occlusion).
         method_kwargs: deprecated name of ``options``.
+        behaviour: measure the behavioural checks (agreement under noise and masked windows, the deletion
+            and keep gaps).
+        behaviour_options: options of :func:`~lightning_tsd.behaviour.measure_behaviour`: ``max_series``,
+            ``noise``, ``masked``, ``fractions``, ``repeats``, ``seed``, ``method`` and ``options`` (of the
+            teacher's ranking, occlusion by default).
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8, 2))
@@ -124,9 +137,12 @@ def substitution_report(
         >>> report = substitution_report(net, net, data, method="gradient")
         >>> report.agreement, report.kl, report.can_substitute, report.cost["student"]["params"]
         (1.0, 0.0, True, 18)
+        >>> report.behaviour.noise_agreement, [c.name for c in report.checks][-2:]
+        (1.0, ['deletion_gap', 'keep_gap'])
     """
     if method is not None:
         method, options = check_attribution_options(method, options, method_kwargs)
+    settings = check_behaviour_options(behaviour_options) if behaviour else None
     thresholds = SubstitutionThresholds.coerce(thresholds)
     device = torch.device(device) if device is not None else next(teacher.parameters()).device
     teacher.to(device)
@@ -135,8 +151,12 @@ def substitution_report(
     seen = 0
     cost: dict[str, dict[str, Any]] = {}  # measured on the first batch
     pairs: dict[str, nn.Module] = {"teacher": teacher, "student": student}
+    kept: list[Batch] = []  # the first max_series series, for the behavioural checks
     for batch in itertools.islice(dataloader, max_batches):
         b = Batch._make(None if t is None else t.to(device) for t in unpack_batch(batch))
+        room = settings["max_series"] - seen if settings else 0
+        if room > 0:
+            kept.append(Batch._make(None if t is None else t[:room] for t in b))
         if method is None:
             t_logits, s_logits, maps = (
                 eval_logits(teacher, b.x, b.mask),
@@ -180,6 +200,7 @@ def substitution_report(
         method=method,
         thresholds=thresholds,
         cost=cost,
+        behaviour=measure_behaviour(teacher, student, kept, **settings) if settings else None,
     )
 
 
@@ -188,14 +209,18 @@ class SubstitutionReportCallback(Callback):
 
     Every rank computes (the metrics sync); rank zero writes ``substitution_report.md`` and
     ``substitution_report.png`` to ``dirpath`` (default: ``trainer.log_dir``) and logs
-    ``test/substitution_<check>`` values and ``test/substitution_can_substitute`` (1.0 or 0.0) to the
-    loggers. The last report is kept as ``callback.report``. The module must have ``teacher`` and
-    ``student`` attributes (see :mod:`lightning_tsd.callbacks`).
+    ``test/substitution_<check>`` values (the behavioural ones included: ``noise_agreement``,
+    ``masked_agreement``, ``deletion_gap``, ``keep_gap``) and ``test/substitution_can_substitute`` (1.0 or
+    0.0) to the loggers. The last report is kept as ``callback.report``. The module must have ``teacher``
+    and ``student`` attributes (see :mod:`lightning_tsd.callbacks`).
 
     Args:
         dirpath: output folder.
         method, thresholds, max_batches, num_worst, options: as in :func:`substitution_report`.
         method_kwargs: deprecated name of ``options``.
+        behaviour: measure the behavioural checks (extra forwards on at most ``max_series`` series; False
+            switches them off).
+        behaviour_options: as in :func:`substitution_report`.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -212,9 +237,13 @@ class SubstitutionReportCallback(Callback):
         options: Mapping[str, Any] | None = None,
         *,
         method_kwargs: Mapping[str, Any] | None = None,
+        behaviour: bool = True,
+        behaviour_options: Mapping[str, Any] | None = None,
     ) -> None:
         if method is not None:
             method, options = check_attribution_options(method, options, method_kwargs)
+        if behaviour:
+            check_behaviour_options(behaviour_options)  # fail at construction, not after trainer.test
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.options: dict[str, Any] = {
             "method": method,
@@ -222,6 +251,8 @@ class SubstitutionReportCallback(Callback):
             "max_batches": max_batches,
             "num_worst": num_worst,
             "options": options,
+            "behaviour": behaviour,
+            "behaviour_options": behaviour_options,
         }
         self.report: SubstitutionReport | None = None
         self._dir = self.dirpath

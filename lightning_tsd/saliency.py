@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_tsd._batch import as_bct, call_model, check_mask
+from lightning_tsd._batch import as_bct, call_model, check_mask, floating_dtype
 from lightning_tsd.kernels import batchnorm_eval, saliency_kernels, train_mode_batchnorms, unwrap_compiled
 
 Estimator = Callable[..., tuple[Tensor, Tensor]]
@@ -71,8 +71,28 @@ def _resolve_target(target: Tensor | int | None, logits: Tensor, check: bool = T
     return target.long()
 
 
-def _target_logit(logits: Tensor, target: Tensor) -> Tensor:
-    return logits.gather(1, target.view(-1, 1)).squeeze(1)
+OUTPUTS = ("logit", "log_prob", "margin")
+
+
+def _target_logit(logits: Tensor, target: Tensor, output: str = "logit") -> Tensor:
+    """The explained scalar per row: the target's logit ``z_k``, its log-probability ``log p_k``, or its
+    margin ``z_k - logsumexp_{j != k} z_j`` (the decision against every other class; ``z_k`` when ``K = 1``).
+
+    The logit alone can be moved by the other classes' logits without any change to ``z_k``; the
+    log-probability and the margin see every logit the decision depends on.
+
+    Example:
+        >>> z = torch.tensor([[2.0, 0.0]])
+        >>> _target_logit(z, torch.tensor([0]), "margin").tolist()
+        [2.0]
+    """
+    chosen = logits.gather(1, target.view(-1, 1)).squeeze(1)
+    if output == "logit" or (output == "margin" and logits.shape[1] == 1):
+        return chosen
+    if output == "log_prob":
+        return chosen - torch.logsumexp(logits, dim=1)
+    others = logits.scatter(1, target.view(-1, 1), float("-inf"))
+    return chosen - torch.logsumexp(others, dim=1)
 
 
 def _input_gradient(output: Tensor, inputs: Tensor, create_graph: bool) -> Tensor:
@@ -84,13 +104,19 @@ def _input_gradient(output: Tensor, inputs: Tensor, create_graph: bool) -> Tenso
 
 
 def _logits_and_input_gradient(
-    model: nn.Module, x: Tensor, target: Tensor | None, mask: Tensor | None, create_graph: bool, check: bool
+    model: nn.Module,
+    x: Tensor,
+    target: Tensor | None,
+    mask: Tensor | None,
+    create_graph: bool,
+    check: bool,
+    output: str = "logit",
 ) -> tuple[Tensor, Tensor]:
-    """One forward on ``x``: the logits and ``dz_k / dx`` for the target class."""
+    """One forward on ``x``: the logits and ``dz_k / dx`` for the target class (``output``: what of it)."""
     x = x.detach().requires_grad_(True)
     logits = call_model(model, x, mask)
     target = _resolve_target(target, logits, check)
-    return logits, _input_gradient(_target_logit(logits, target), x, create_graph)
+    return logits, _input_gradient(_target_logit(logits, target, output), x, create_graph)
 
 
 @_register("gradient")
@@ -102,9 +128,10 @@ def gradient(
     mask: Tensor | None = None,
     create_graph: bool = False,
     check_target: bool = True,
+    output: str = "logit",
 ) -> tuple[Tensor, Tensor]:
     """``s_t = sum_c |dz_k / dx_{c,t}|`` (captum ``Saliency`` with ``abs=True``, summed over channels)."""
-    logits, grad = _logits_and_input_gradient(model, x, target, mask, create_graph, check_target)
+    logits, grad = _logits_and_input_gradient(model, x, target, mask, create_graph, check_target, output)
     return logits, grad.abs().sum(dim=1)
 
 
@@ -117,9 +144,10 @@ def input_x_gradient(
     mask: Tensor | None = None,
     create_graph: bool = False,
     check_target: bool = True,
+    output: str = "logit",
 ) -> tuple[Tensor, Tensor]:
     """``s_t = sum_c |x_{c,t} * dz_k / dx_{c,t}|`` (captum ``InputXGradient``, abs, summed over channels)."""
-    logits, grad = _logits_and_input_gradient(model, x, target, mask, create_graph, check_target)
+    logits, grad = _logits_and_input_gradient(model, x, target, mask, create_graph, check_target, output)
     return logits, (x.detach() * grad).abs().sum(dim=1)
 
 
@@ -138,7 +166,13 @@ def _ig_alphas(steps: int, sampling: str, generator: torch.Generator | None, x: 
 
 
 def _ig_mean_gradient_chunked(
-    model: nn.Module, x: Tensor, target: Tensor, mask: Tensor | None, alphas: Tensor, chunk: int
+    model: nn.Module,
+    x: Tensor,
+    target: Tensor,
+    mask: Tensor | None,
+    alphas: Tensor,
+    chunk: int,
+    output: str = "logit",
 ) -> Tensor:
     """``mean_j dz_k(a_j x) / dx`` without a graph beyond one chunk of ``chunk`` interpolant rows.
 
@@ -153,7 +187,8 @@ def _ig_mean_gradient_chunked(
             rows = torch.arange(start, min(start + chunk, flat_alphas.shape[0]), device=x.device) % batch
             scaled = (flat_alphas[start : start + chunk].view(-1, 1, 1) * x[rows]).requires_grad_(True)
             logits = call_model(model, scaled, None if mask is None else mask[rows])
-            total.index_add_(0, rows, _input_gradient(_target_logit(logits, target[rows]), scaled, False))
+            explained = _target_logit(logits, target[rows], output)
+            total.index_add_(0, rows, _input_gradient(explained, scaled, False))
     return total / alphas.shape[0]
 
 
@@ -170,6 +205,7 @@ def integrated_gradients(
     sampling: str = "midpoint",
     generator: torch.Generator | None = None,
     internal_batch_size: int | None = None,
+    output: str = "logit",
 ) -> tuple[Tensor, Tensor]:
     """Integrated gradients from a zero baseline: ``s_t = sum_c |x_{c,t} * mean_j dz_k(a_j x) / dx_{c,t}|``.
 
@@ -191,12 +227,13 @@ def integrated_gradients(
             logits = call_model(model, x, mask)
         target = _resolve_target(target, logits, check_target)
         chunk = internal_batch_size or max(x.shape[0], IG_CHUNK_ROWS)
-        mean_grad = _ig_mean_gradient_chunked(model, x, target, mask, alphas, chunk)
+        mean_grad = _ig_mean_gradient_chunked(model, x, target, mask, alphas, chunk, output)
         return logits, (x * mean_grad).abs().sum(dim=1)
     scaled = (alphas[:, :, None, None] * x.unsqueeze(0)).flatten(0, 1).requires_grad_(True)
     logits, scaled_logits = _forward_with_perturbations(model, x, scaled, mask)
     target = _resolve_target(target, logits, check_target)
-    grad = _input_gradient(_target_logit(scaled_logits, target.repeat(steps)), scaled, create_graph)
+    explained = _target_logit(scaled_logits, target.repeat(steps), output)
+    grad = _input_gradient(explained, scaled, create_graph)
     mean_grad = grad.view(steps, *x.shape).mean(dim=0)
     return logits, (x * mean_grad).abs().sum(dim=1)
 
@@ -222,6 +259,7 @@ def occlusion(
     check_target: bool = True,
     window: int = 8,
     stride: int = 4,
+    output: str = "logit",
 ) -> tuple[Tensor, Tensor]:
     """Occlusion with a zero baseline (captum ``Occlusion``, all channels at once):
     ``s_t = mean over windows covering t of z_k(x) - z_k(x with the window zeroed)``.
@@ -237,8 +275,8 @@ def occlusion(
     with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
         logits, occluded_logits = _forward_with_perturbations(model, x.detach(), occluded, mask)
         target = _resolve_target(target, logits, check_target)
-        drop = _target_logit(logits, target).unsqueeze(0) - _target_logit(
-            occluded_logits, target.repeat(cover.shape[0])
+        drop = _target_logit(logits, target, output).unsqueeze(0) - _target_logit(
+            occluded_logits, target.repeat(cover.shape[0]), output
         ).view(cover.shape[0], batch)  # (W, B)
         counts = cover.sum(dim=0)
         saliency = (drop.transpose(0, 1) @ cover) / counts.clamp_min(1.0)
@@ -260,6 +298,7 @@ _OPTION_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "internal_batch_size": (lambda v: v is None or _positive_int(v), "None or an integer >= 1"),
     "sampling": (lambda v: isinstance(v, str) and v in SAMPLINGS, f"one of {list(SAMPLINGS)}"),
     "generator": (lambda v: v is None or isinstance(v, torch.Generator), "None or a torch.Generator"),
+    "output": (lambda v: isinstance(v, str) and v in OUTPUTS, f"one of {list(OUTPUTS)}"),
 }
 
 
@@ -361,7 +400,7 @@ def temporal_saliency(
             target = target.clone()
         with saliency_kernels(x.device):
             # fp32 for fp32 (and mixed-precision) models; a float64 or bf16/fp16 model gets its own dtype.
-            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+            dtype = floating_dtype(model) or torch.float32
             logits, saliency = estimator(
                 model, x.to(dtype), target, mask=mask, create_graph=create_graph, **options
             )

@@ -256,7 +256,3 @@ class TeacherSource:
         if self.cache is not None and self._misses == 0 and len(self.cache) > 0:
             self.complete = True
         self._misses = 0
-
-    def mark_complete(self) -> None:
-        """Every sample of the fit is cached (e.g. after precomputing the cache)."""
-        self.complete = self.cache is not None

@@ -2,7 +2,8 @@
 
 :class:`SubstitutionReport` holds what :func:`lightning_tsd.report.substitution_report` measured (accuracy and
 ECE of both models, agreement overall and per class, KL/JS, saliency alignment, the confusion matrix, the
-worst samples, the models' cost); its :attr:`~SubstitutionReport.checks` compare them with
+worst samples, the models' cost, and the behaviour under perturbation: a
+:class:`~lightning_tsd.behaviour.Behaviour`); its :attr:`~SubstitutionReport.checks` compare them with
 :class:`SubstitutionThresholds`, and it renders as Markdown, JSON-ready data or a figure. No Lightning.
 """
 
@@ -16,6 +17,7 @@ from typing import Any, cast
 
 from matplotlib.figure import Figure
 
+from lightning_tsd.behaviour import Behaviour
 from lightning_tsd.plotting import format_value, plot_substitution_report
 
 __all__ = ["Check", "SubstitutionReport", "SubstitutionThresholds", "WorstSample"]
@@ -25,10 +27,25 @@ __all__ = ["Check", "SubstitutionReport", "SubstitutionThresholds", "WorstSample
 class SubstitutionThresholds:
     """What the student must reach to replace the teacher (defaults are deliberately strict).
 
+    The last four judge the behavioural checks (when the report measured them, see
+    :class:`~lightning_tsd.behaviour.Behaviour`).
+
     Attributes:
         min_agreement: top-1 agreement with the teacher, at least (0.95).
         max_accuracy_drop: teacher accuracy minus student accuracy, at most (0.02; needs labels).
         min_spearman: mean Spearman correlation of the saliency maps, at least (0.5; needs a method).
+        min_noise_agreement: agreement on the same noisy input (Gaussian, 0.5 series std), at least
+            (0.90: five points below the clean bar, as noise pushes series towards the decision boundary,
+            where any two models disagree more).
+        min_masked_agreement: agreement on the same input with a window of 10% of the steps set to 0, at
+            least (0.90, as for noise).
+        max_deletion_shortfall: the student's deletion gap (agreement after deleting random steps minus
+            after deleting the teacher's top steps, mean over the fractions) may fall short of the teacher's
+            own gap by at most this (0.10). The teacher sets the bar: a student that is the teacher passes
+            whatever the teacher's ranking is worth, and one that relies on other steps keeps its answer
+            when the teacher's evidence is deleted, so its gap stays near 0 and it fails.
+        max_keep_shortfall: the same for the keep gap (agreement when only the teacher's top steps are
+            kept minus when only random ones are), at most (0.10).
 
     Example:
         >>> SubstitutionThresholds.coerce({"min_agreement": 0.9}).min_agreement
@@ -38,6 +55,10 @@ class SubstitutionThresholds:
     min_agreement: float = 0.95
     max_accuracy_drop: float = 0.02
     min_spearman: float = 0.5
+    min_noise_agreement: float = 0.90
+    min_masked_agreement: float = 0.90
+    max_deletion_shortfall: float = 0.10
+    max_keep_shortfall: float = 0.10
 
     @classmethod
     def coerce(
@@ -86,8 +107,9 @@ class SubstitutionReport:
 
     ``per_class_agreement[c]`` is the agreement among samples the teacher puts in class ``c`` (NaN if
     none); ``confusion[t][s]`` counts samples the teacher puts in ``t`` and the student in ``s``.
-    Accuracy and ECE are None without labels; ``saliency`` is empty when no method was used. The checks
-    (and ``can_substitute``) follow from the numbers and ``thresholds``; :meth:`with_thresholds` re-judges.
+    Accuracy and ECE are None without labels; ``saliency`` is empty when no method was used;
+    ``behaviour`` is None when the behavioural checks were switched off. The checks (and
+    ``can_substitute``) follow from the numbers and ``thresholds``; :meth:`with_thresholds` re-judges.
     """
 
     num_samples: int
@@ -107,6 +129,7 @@ class SubstitutionReport:
     method: str | None
     thresholds: SubstitutionThresholds = field(default_factory=SubstitutionThresholds)
     cost: dict[str, dict[str, Any]] = field(default_factory=dict)
+    behaviour: Behaviour | None = None
 
     @property
     def accuracy_drop(self) -> float | None:
@@ -116,13 +139,28 @@ class SubstitutionReport:
 
     @property
     def checks(self) -> list[Check]:
-        """Agreement always; accuracy drop with labels; Spearman when saliency was measured."""
+        """Agreement always; accuracy drop with labels; Spearman when saliency was measured; agreement under
+        noise and masked windows, and the deletion and keep gaps, when the behaviour was measured (the
+        gaps' threshold is the teacher's own gap minus the allowed shortfall)."""
         t = self.thresholds
         checks = [Check("agreement", self.agreement, ">=", t.min_agreement)]
         if self.accuracy_drop is not None:
             checks.append(Check("accuracy_drop", self.accuracy_drop, "<=", t.max_accuracy_drop))
         if "spearman" in self.saliency:
             checks.append(Check("saliency_spearman", self.saliency["spearman"], ">=", t.min_spearman))
+        b = self.behaviour
+        if b is not None:
+            checks += [
+                Check("noise_agreement", b.noise_agreement, ">=", t.min_noise_agreement),
+                Check("masked_agreement", b.mask_agreement, ">=", t.min_masked_agreement),
+                Check(
+                    "deletion_gap",
+                    b.gap("delete"),
+                    ">=",
+                    b.gap("delete", "teacher") - t.max_deletion_shortfall,
+                ),
+                Check("keep_gap", b.gap("keep"), ">=", b.gap("keep", "teacher") - t.max_keep_shortfall),
+            ]
         return checks
 
     @property
@@ -143,7 +181,8 @@ class SubstitutionReport:
         return out
 
     def to_markdown(self) -> str:
-        """The report as Markdown: verdict, models, cost, per-class agreement, saliency, confusion, worst."""
+        """The report as Markdown: verdict, models, cost, behaviour, per-class agreement, saliency, confusion,
+        worst."""
         checks = [
             [c.name, c.value, f"{c.op} {format_value(c.threshold)}", "pass" if c.passed else "FAIL"]
             for c in self.checks
@@ -175,6 +214,7 @@ class SubstitutionReport:
         md += (
             ["", f"Latency: median wall time of one forward on the first batch ({_LATENCY})."] if cost else []
         )
+        md += _behaviour_section(self.behaviour, self.thresholds)
         md += _section("Agreement per teacher-predicted class", ["class", "samples", "agreement"], classes)
         md += _section("Saliency alignment", list(self.saliency), [list(self.saliency.values())])
         header = ["teacher \\ student", *map(str, range(self.num_classes))]
@@ -183,18 +223,61 @@ class SubstitutionReport:
         return "\n".join([*md, ""])
 
     def figure(self) -> Figure:
-        """The teacher-vs-student confusion matrix, per-class agreement bars, and a panel listing every
-        check (green ``pass``, red ``FAIL``) and both models' cost, as a ``Figure``; the title names the
-        failed checks."""
+        """The teacher-vs-student confusion matrix, per-class agreement bars, the deletion and keep curves
+        (teacher-ranked vs random, when the behaviour was measured) and a panel listing every check (green
+        ``pass``, red ``FAIL``) and both models' cost, as a ``Figure``; the title names the failed checks."""
         checks = [(c.name, c.value, c.op, c.threshold, c.passed) for c in self.checks]
+        b = self.behaviour
         return plot_substitution_report(
             self.confusion, self.per_class_agreement, self.per_class_count, self.thresholds.min_agreement,
-            checks, self.cost,
+            checks, self.cost, curves=None if b is None else (b.fractions, b.curves),
         )  # fmt: skip
 
 
 _COST_ROWS = (("parameters", "params"), ("state dict (bytes)", "bytes"), ("latency (ms)", "latency_ms"))
 _LATENCY = "eval mode, no grad, on the report's device; median of 5 calls after 2 warm-up calls"
+
+
+def _behaviour_section(b: Behaviour | None, t: SubstitutionThresholds) -> list[str]:
+    """The behavioural checks' numbers: agreement under perturbation, the curves and the gaps."""
+    if b is None:
+        return _section("Behaviour under perturbation", [], [])
+    md = [
+        "",
+        "## Behaviour under perturbation",
+        "",
+        f"On {b.num_series} series. Agreement on the same perturbed input: Gaussian noise of std "
+        f"{b.noise_level:g} times each series' std, and a random window of "
+        f"{b.mask_level:.0%} of the real steps set to 0 ({b.repeats} draws each). Deletion curves: agreement "
+        "with the teacher's prediction on the clean input after the top steps of a ranking are set to 0 "
+        f"(delete) or all other steps are (keep); the teacher's ranking is its {b.method} map, the random "
+        f"one the mean of {b.repeats} random rankings. The gap checks pass when the student's gap is at least "
+        "the teacher's own gap minus the allowed shortfall: the student relies on the teacher's top steps "
+        "about as much as the teacher does.",
+    ]
+    md += _section(
+        None,
+        ["perturbation", "agreement"],
+        [["noise", b.noise_agreement], ["masked window", b.mask_agreement]],
+    )
+    s, r = b.curves["student"], b.curves["teacher"]
+    rows = [
+        [f"{f:.0%}", s["delete"]["teacher"][i], s["delete"]["random"][i], s["keep"]["teacher"][i],
+         s["keep"]["random"][i], r["delete"]["teacher"][i], r["delete"]["random"][i],
+         r["keep"]["teacher"][i], r["keep"]["random"][i]]
+        for i, f in enumerate(b.fractions)
+    ]  # fmt: skip
+    pairs = ["delete, teacher-ranked", "delete, random", "keep, teacher-ranked", "keep, random"]
+    header = ["steps", *(f"student: {p}" for p in pairs), *(f"teacher itself: {p}" for p in pairs)]
+    md += _section(None, header, rows)
+    gaps = [
+        ["deletion (random - teacher-ranked)", b.gap("delete"), b.gap("delete", "teacher"), t.max_deletion_shortfall],
+        ["keep (teacher-ranked - random)", b.gap("keep"), b.gap("keep", "teacher"), t.max_keep_shortfall],
+    ]  # fmt: skip
+    md += _section(
+        None, ["gap, mean over the fractions", "student", "teacher itself", "allowed shortfall"], gaps
+    )
+    return md
 
 
 def _section(title: str | None, header: list[str], rows: list[list[Any]]) -> list[str]:

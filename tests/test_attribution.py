@@ -178,21 +178,6 @@ def test_saliency_pair_targets_the_teachers_prediction_or_the_label(x):
         saliency_pair(teacher, student, x, target="student")
 
 
-def test_old_names_warn_and_map_to_the_new_ones(model, x):
-    with pytest.warns(DeprecationWarning, match="'saliency' is deprecated; use 'gradient'"):
-        assert check_attribution_options("saliency") == ("gradient", {})
-    with pytest.warns(DeprecationWarning, match="'n_steps' is deprecated; use 'steps'"):
-        assert check_attribution_options("integrated_gradients", {"n_steps": 4}) == (
-            "integrated_gradients",
-            {"steps": 4},
-        )
-    with pytest.warns(DeprecationWarning, match="method_kwargs is deprecated"):
-        assert check_attribution_options("occlusion", None, {"window": 3}) == ("occlusion", {"window": 3})
-    with pytest.warns(DeprecationWarning):
-        old = temporal_attribution(model, x, 0, method="saliency")
-    torch.testing.assert_close(old, temporal_attribution(model, x, 0, method="gradient"))
-
-
 @pytest.mark.parametrize(
     ("method", "options", "message"),
     [

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from lightning_tsd import TemporalSaliencyDistiller, load_teacher, save_teacher
-from lightning_tsd import cli as cli_module
 from lightning_tsd import demo as demo_module
 from lightning_tsd.cli import (
     ConfigError,
@@ -212,15 +211,6 @@ def test_demo_batch_size_flag_parses_and_defaults_to_the_demo_constant():
         demo_module.run_demo(batch_size=0)
 
 
-def test_moved_demo_names_still_work_from_cli_with_a_deprecation_warning():
-    for name in ("run_demo", "DemoRow", "results_table", "train_teacher", "TEACHER_KWARGS"):
-        with pytest.warns(DeprecationWarning, match=f"lightning_tsd.cli.{name} moved to lightning_tsd.demo"):
-            assert getattr(cli_module, name) is getattr(demo_module, name)
-    assert cli_module.ConfigError is demo_module.ConfigError
-    with pytest.raises(AttributeError, match="no_such_name"):
-        cli_module.no_such_name  # noqa: B018
-
-
 def test_train_teacher_ensemble_writes_one_loadable_file_per_seed(tmp_path, capsys):
     output = tmp_path / "teachers" / "GunPoint.pt"
     main(
@@ -303,3 +293,38 @@ def test_export_reads_the_shape_from_flags_and_says_what_is_missing(
     with pytest.raises(SystemExit, match="lightning-tsd: error: .*not a Lightning checkpoint"):
         torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
         main(["export", "--ckpt_path", str(tmp_path / "other.pt")])
+
+
+def test_cache_teacher_writes_a_cache_that_fit_accepts_and_other_options_refuse(tmp_path, capsys):
+    from lightning_tsd import TeacherCache, TeacherCacheError, temporal_saliency
+    from lightning_tsd.data import UCRDataModule
+
+    torch.manual_seed(0)
+    teacher_file, output = tmp_path / "teacher.pt", tmp_path / "cache.pt"
+    save_teacher(NarrowFCN(1, 2), teacher_file)
+    args = [
+        "--config", "gunpoint", f"--model.teacher={teacher_file}", '--model.saliency_options={"steps": 2}',
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+    ]  # fmt: skip
+    main(["cache-teacher", *args, "--output", str(output)])
+    printed = capsys.readouterr()
+    assert "teacher cache: 100%" in printed.err  # the progress bar
+    assert f"--model.teacher_cache={output}" in printed.out
+    cache = TeacherCache.load(output)
+    data = UCRDataModule("GunPoint", val_fraction=0.25, seed=0)  # the config's data
+    data.setup()
+    samples = [data.train_dataset[i] for i in range(len(data.train_dataset))]
+    assert len(cache) == len(samples) == 37
+    x, index = torch.stack([s["x"] for s in samples[:6]]), torch.stack([s["index"] for s in samples[:6]])
+    teacher = load_teacher(teacher_file).eval()
+    logits, saliency = temporal_saliency(teacher, x, method="integrated_gradients", steps=2)
+    hit, cached_logits, cached_saliency = cache.get(index, x)
+    assert hit.all()
+    torch.testing.assert_close(cached_logits, logits)
+    torch.testing.assert_close(cached_saliency, saliency)
+    # a fit of the same config takes it (checked against its teacher and options); other options refuse it
+    cli = run_lightning_cli([*args, f"--model.teacher_cache={output}"], run=False)
+    assert len(cli.model.teacher_cache) == 37 and cli.model.teacher_cache.origin == str(output)
+    with pytest.raises(TeacherCacheError, match=r"other saliency options .*now: '\{\"steps\": 4\}'"):
+        other = '--model.saliency_options={"steps": 4}'
+        run_lightning_cli([*args, other, f"--model.teacher_cache={output}"], run=False)

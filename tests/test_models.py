@@ -148,3 +148,25 @@ def test_build_model_by_name_and_rebuild_from_init_args(name):
 def test_build_model_unknown_name():
     with pytest.raises(ValueError, match="InceptionTime"):
         build_model("LSTMFCN", 1, 2)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu", "softplus"])
+def test_fcn_students_take_a_smooth_activation_with_the_same_parameters(activation):
+    """A smooth activation has a non-zero second derivative (a saliency loss can move where units switch
+    on); the parameter count and the rebuild from ``init_args`` are unchanged."""
+    from lightning_tsd.models import FCN, NarrowFCN, count_parameters
+    from lightning_tsd.models._common import ACTIVATIONS
+
+    smooth = NarrowFCN(1, 2, activation=activation)
+    assert count_parameters(smooth) == count_parameters(NarrowFCN(1, 2)) == 1170
+    kinds = {type(m) for m in smooth.modules()}
+    assert ACTIVATIONS[activation] in kinds and torch.nn.ReLU not in kinds
+    rebuilt = type(smooth)(**smooth.init_args)
+    assert rebuilt.init_args["activation"] == activation
+    assert "activation" not in FCN(1, 2, 4).init_args  # a ReLU model's spec is as before
+    x = torch.randn(3, 1, 20, requires_grad=True)
+    (grad,) = torch.autograd.grad(smooth.eval()(x)[:, 0].sum(), x, create_graph=True)
+    second = torch.autograd.grad(grad.pow(2).sum(), x)[0]
+    assert second.abs().sum() > 0  # a ReLU network's input Hessian is 0; this one's is not
+    with pytest.raises(ValueError, match=r"activation must be one of \['gelu', 'relu', 'silu', 'softplus'\]"):
+        NarrowFCN(1, 2, activation="tanh")

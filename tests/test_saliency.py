@@ -358,13 +358,18 @@ def test_cheap_ig_variants_are_differentiable_in_parameters(options):
         ("integrated_gradients", {"internal_batch_size": 0}, r"internal_batch_size=0 .* None or an integer"),
         ("integrated_gradients", {"generator": 0}, r"generator=0 .* torch.Generator"),
         ("occlusion", {"window": 0}, r"window=0"),
-        ("occlusion", {"stride": -1}, r"stride=-1 .* takes \['stride', 'window'\]"),
+        ("occlusion", {"stride": -1}, r"stride=-1 .* takes \['output', 'stride', 'window'\]"),
+        (
+            "gradient",
+            {"output": "probability"},
+            r"output='probability' .* one of \['logit', 'log_prob', 'margin'\]",
+        ),
         (
             "gradient",
             {"steps": 4},
-            r"\['steps'\] do not apply to saliency method 'gradient', which takes no options",
+            r"\['steps'\] do not apply to saliency method 'gradient', which takes \['output'\]",
         ),
-        ("occlusion", {"steps": 4}, r"\['steps'\] do not apply .* takes \['stride', 'window'\]"),
+        ("occlusion", {"steps": 4}, r"\['steps'\] do not apply .* takes \['output', 'stride', 'window'\]"),
         ("lime", {}, r"unknown saliency method 'lime'"),
     ],
 )
@@ -401,3 +406,47 @@ def test_validated_call_equals_checked_call_and_makes_no_host_sync(model_and_inp
     torch.testing.assert_close(saliency, expected[1])
     temporal_saliency(model, x, target, method=method, mask=mask)
     assert syncs  # the unvalidated call checks the mask and the target on the host
+
+
+class _Explained(torch.nn.Module):
+    """``model``'s logits turned into the scalar an ``output`` option explains, one column per class."""
+
+    def __init__(self, model: torch.nn.Module, output: str) -> None:
+        super().__init__()
+        self.model, self.output = model, output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.model(x)
+        if self.output == "log_prob":
+            return torch.log_softmax(z, dim=1)
+        # margin of class k: z_k - logsumexp_{j != k} z_j, written out class by class
+        eye = torch.eye(z.shape[1], dtype=torch.bool)
+        return torch.stack(
+            [z[:, k] - torch.logsumexp(z[:, ~eye[k]], dim=1) for k in range(z.shape[1])], dim=1
+        )
+
+
+@pytest.mark.parametrize("output", ["log_prob", "margin"])
+@pytest.mark.parametrize("method", METHODS)
+def test_output_option_explains_the_log_probability_or_the_margin(model_and_input, method, output):
+    """Every estimator with ``output=`` equals the same estimator (``logit``) on a model whose outputs are
+    the log-probabilities or margins, written out by hand; the logits returned are still the model's."""
+    model, x, target = model_and_input
+    logits, ours = temporal_saliency(model, x, target, method=method, output=output)
+    _, theirs = temporal_saliency(_Explained(model, output), x, target, method=method)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logits, model(x))
+    _, plain = temporal_saliency(model, x, target, method=method)
+    assert not torch.allclose(ours, plain, atol=1e-3)  # it explains something else than the logit
+
+
+def test_margin_of_two_classes_is_the_logit_difference():
+    """For K=2 the margin is ``z_k - z_j``: its gradient is the difference of the two logits' gradients."""
+    torch.manual_seed(1)
+    model = TinyCNN(in_channels=1, num_classes=2).eval()
+    x = torch.randn(3, 1, 16, requires_grad=True)
+    target = torch.tensor([0, 1, 1])
+    z = model(x)
+    (grad,) = torch.autograd.grad((z[:, 0] - z[:, 1]).mul(torch.tensor([1.0, -1.0, -1.0])).sum(), x)
+    _, ours = temporal_saliency(model, x.detach(), target, method="gradient", output="margin")
+    torch.testing.assert_close(ours, grad.abs().sum(1))

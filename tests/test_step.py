@@ -419,3 +419,49 @@ def test_a_full_cache_serves_what_does_not_fit_live():
     empty = TeacherCache(max_bytes=1)  # rows arriving from another rank or a checkpoint, none fits
     empty.load_state_dict(cache.state_dict())
     assert len(empty) == 0
+
+
+# ----------------------------------------------------------------------------- saliency-guided recombination
+def test_recombination_term_is_kd_on_the_teachers_recombined_series():
+    """``recombination_weight``: KD on series that keep the teacher's top half of steps and take the rest from a
+    series of another teacher class, with the teacher queried on them; BatchNorm statistics see real samples
+    only (they end as in the run without the term)."""
+    import copy
+
+    from torch.utils.data import default_collate
+
+    from lightning_tsd.losses import kd_loss
+    from lightning_tsd.recombination import recombine
+
+    batch = default_collate(data(n=12, length=16))
+    loader = DataLoader([batch], batch_size=None)
+    model = distiller(seed=3, tsd_weight=0.0, recombination_weight=2.0, recombination_keep=0.25)
+    student_before = copy.deepcopy(model.student)
+    trainer = quiet(max_steps=1)
+    trainer.fit(model, loader)
+    teacher = model.teacher
+    logits, maps = temporal_saliency(teacher, batch["x"], method="gradient")
+    generator = torch.Generator().manual_seed(torch.initial_seed())  # global step 0
+    x = recombine(batch["x"], maps, logits.argmax(1), 0.25, generator=generator)
+    assert not torch.equal(x, batch["x"])
+    with torch.no_grad():
+        student_before(batch["x"])  # the step's own forward moves the running statistics first
+        expected = kd_loss(student_before.eval()(x), teacher(x), 4.0)
+    torch.testing.assert_close(trainer.logged_metrics["train/recombined"], expected)
+    plain = distiller(seed=3, tsd_weight=0.0)
+    quiet(max_steps=1).fit(plain, loader)
+    torch.testing.assert_close(model.student.norm.running_mean, plain.student.norm.running_mean)
+    torch.testing.assert_close(model.student.norm.running_var, plain.student.norm.running_var)
+    assert not torch.equal(model.student.conv.weight, plain.student.conv.weight)  # the term trained it
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"recombination_weight": -1.0}, r"recombination_weight must be a finite number >= 0"),
+        ({"recombination_keep": 1.0}, r"recombination_keep is the fraction .* in \(0, 1\)"),
+    ],
+)
+def test_recombination_options_are_checked_in_the_constructor(options, match):
+    with pytest.raises(ValueError, match=match):
+        distiller(**options)

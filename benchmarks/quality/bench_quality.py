@@ -9,9 +9,9 @@ measured independently of the training estimator: captum IntegratedGradients (32
 target = the teacher's predicted class), |attribution| summed over channels, Spearman (and Pearson,
 cosine, top-10% overlap) over time per series, averaged over the test set. This is what
 ``lightning_tsd.report.substitution_report(teacher, student, loader, method="integrated_gradients",
-method_kwargs={"n_steps": 32})`` computes; the teacher's maps are computed once per (dataset, seed) with
-the same function (``_temporal_attribution``) and reused for every student, and the first run checks
-the numbers against ``substitution_report`` itself.
+options={"steps": 32})`` computes; the teacher's maps are computed once per (dataset, seed) with the same
+function (``lightning_tsd.attribution.temporal_attribution``) and reused for every student, and the first
+run checks the numbers against ``substitution_report`` itself.
 
 Results go to ``benchmarks/results/``: appended to ``quality.csv`` one run at a time (runs already there are
 skipped, so the script resumes where it stopped); ``quality.md`` and ``quality.png`` are rewritten from the

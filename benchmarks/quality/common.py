@@ -201,25 +201,13 @@ IG = dict(method="integrated_gradients", steps=32)
 OCCLUSION = dict(method="occlusion")  # window T/10, stride half a window (the module's defaults)
 
 
-def _attribution():
-    try:
-        from lightning_tsd.attribution import temporal_attribution
-    except ImportError:  # before the public module exists
-        from lightning_tsd.callbacks import _temporal_attribution
-
-        def temporal_attribution(model, x, target, mask=None, method="integrated_gradients", **options):
-            kw = {"n_steps": options["steps"]} if "steps" in options else {}
-            return _temporal_attribution(model, x, target, mask, method, kw)
-
-    return temporal_attribution
-
-
 def maps(model, batches: list[dict], targets: list[torch.Tensor], spec: dict) -> list[torch.Tensor]:
     """Attribution maps of ``model`` for the given targets, one ``(B, T)`` tensor per batch."""
-    attribute = _attribution()
+    from lightning_tsd.attribution import temporal_attribution
+
     options = {k: v for k, v in spec.items() if k != "method"}
     return [
-        attribute(model, b["x"], t, mask=b.get("mask"), method=spec["method"], **options)
+        temporal_attribution(model, b["x"], t, mask=b.get("mask"), method=spec["method"], **options)
         for b, t in zip(batches, targets)
     ]
 

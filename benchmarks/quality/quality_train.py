@@ -161,7 +161,7 @@ def evaluate(teacher, student, dm, teacher_maps, check_report: bool, split: str 
     res = {k: float(torch.cat(v).mean()) for k, v in parts.items()}
     if check_report:  # the shortcut must equal the package's report
         full = substitution_report(
-            teacher, student, loader, method="integrated_gradients", method_kwargs={"n_steps": 32}
+            teacher, student, loader, method="integrated_gradients", options={"steps": 32}
         )
         for k in parts:
             assert abs(full.saliency[k] - res[k]) < 1e-4, (k, full.saliency[k], res[k])

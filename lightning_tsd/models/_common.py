@@ -44,6 +44,29 @@ def last_real(h: Tensor, mask: Tensor | None) -> Tensor:
     return h[torch.arange(h.shape[0], device=h.device), last]
 
 
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "softplus": nn.Softplus,
+}
+
+
+def activation_layer(name: str) -> nn.Module:
+    """A new activation module by name (:data:`ACTIVATIONS`).
+
+    ReLU has a zero second derivative, so a saliency loss differentiated through a ReLU network cannot
+    move where its units switch on; GELU, SiLU and softplus are smooth, and can.
+
+    Example:
+        >>> activation_layer("silu")
+        SiLU()
+    """
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]()
+
+
 class SameConv1d(nn.Conv1d):
     """A ``Conv1d`` that keeps the length ``T`` for any kernel size (zero padding; for an even kernel the
     extra step goes on the right, as ``padding="same"`` does, without its warning)."""

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lightning_tsd.models._common import SameConv1d, TimeSeriesModel, masked_mean, zero_padded
+from lightning_tsd.models._common import (
+    SameConv1d,
+    TimeSeriesModel,
+    activation_layer,
+    masked_mean,
+    zero_padded,
+)
 
 
 class FCN(TimeSeriesModel):
@@ -18,6 +24,7 @@ class FCN(TimeSeriesModel):
         in_channels: number of input channels ``C``.
         num_classes: number of classes ``K``.
         num_filters: channels of the first and last block (the middle one has twice as many).
+        activation: ``"relu"`` (the paper's), or a smooth one: ``"gelu"``, ``"silu"``, ``"softplus"``.
 
     Example:
         >>> import torch
@@ -25,11 +32,16 @@ class FCN(TimeSeriesModel):
         torch.Size([2, 4])
     """
 
-    def __init__(self, in_channels: int, num_classes: int, num_filters: int = 128) -> None:
-        super().__init__(in_channels=in_channels, num_classes=num_classes, num_filters=num_filters)
+    def __init__(
+        self, in_channels: int, num_classes: int, num_filters: int = 128, activation: str = "relu"
+    ) -> None:
+        args = dict(in_channels=in_channels, num_classes=num_classes, num_filters=num_filters)
+        super().__init__(**args, **({"activation": activation} if activation != "relu" else {}))
         widths = [in_channels, num_filters, 2 * num_filters, num_filters]
         self.blocks = nn.ModuleList(
-            nn.Sequential(SameConv1d(c_in, c_out, k, bias=False), nn.BatchNorm1d(c_out), nn.ReLU())
+            nn.Sequential(
+                SameConv1d(c_in, c_out, k, bias=False), nn.BatchNorm1d(c_out), activation_layer(activation)
+            )
             for c_in, c_out, k in zip(widths[:-1], widths[1:], (8, 5, 3))
         )
         self.head = nn.Linear(num_filters, num_classes)
@@ -56,5 +68,7 @@ class NarrowFCN(FCN):
         torch.Size([4, 2])
     """
 
-    def __init__(self, in_channels: int, num_classes: int, num_filters: int = 8) -> None:
-        super().__init__(in_channels, num_classes, num_filters)
+    def __init__(
+        self, in_channels: int, num_classes: int, num_filters: int = 8, activation: str = "relu"
+    ) -> None:
+        super().__init__(in_channels, num_classes, num_filters, activation)
