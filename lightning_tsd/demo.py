@@ -1,9 +1,10 @@
 """The demo study behind ``lightning-tsd demo``, and the training helpers it shares with ``train-teacher``.
 
-:func:`run_demo` trains a small InceptionTime teacher, distils two :class:`~lightning_tsd.models.NarrowFCN`
+:func:`run_demo` trains a small InceptionTime teacher, distils two 1/10-size :class:`~lightning_tsd.models.FCN`
 students from the same initialisation and batch order (KD alone, KD+TSD) and compares them on the test
-split (accuracy, agreement, KL, saliency alignment, parameters, wall time), with a saliency figure and a
-substitution report. :func:`train_teachers` is the work of ``lightning-tsd train-teacher`` (one teacher, or
+split (accuracy, agreement, KL, saliency alignment, parameters, wall time, and the substitution report's
+checks side by side, behavioural ones included), with one sentence on what TSD bought, a figure of the
+teacher's and both students' saliency maps, and both substitution reports. :func:`train_teachers` is the work of ``lightning-tsd train-teacher`` (one teacher, or
 an ensemble of them, each written as a teacher file). An entry point: nothing in the package imports it
 but the CLI.
 
@@ -17,10 +18,11 @@ Example:
 from __future__ import annotations
 
 import copy
+import math
 import netrc
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,21 +31,29 @@ from urllib.parse import urlparse
 import lightning.pytorch as pl
 import numpy as np
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from matplotlib.figure import Figure
 from matplotlib.image import imsave
 from torch import nn
 
 from lightning_tsd.checkpoint import save_teacher
 from lightning_tsd.classifier import TimeSeriesClassifier
 from lightning_tsd.data import UCRDataModule
-from lightning_tsd.models import NarrowFCN, count_parameters
+from lightning_tsd.models import FCN, count_parameters
 from lightning_tsd.module import TemporalSaliencyDistiller
-from lightning_tsd.plotting import saliency_comparison
-from lightning_tsd.report import substitution_report
+from lightning_tsd.plotting import figure_to_rgb, format_value, saliency_panels
+from lightning_tsd.report import SubstitutionReport, substitution_report
 
 __all__ = ["ConfigError", "DemoRow", "TEACHER_MODEL", "TEACHER_KWARGS", "DEMO_EPOCHS_TEACHER"]
 __all__ += ["DEMO_EPOCHS_STUDENT", "DEMO_BATCH_SIZE", "DEMO_SCHEDULER", "REPORT_IG_STEPS", "make_logger"]
 __all__ += ["close_logger", "train_teacher", "ensemble_paths", "train_teachers", "distil", "results_table"]
-__all__ += ["saliency_figure", "run_demo"]
+__all__ += [
+    "checks_table",
+    "comparison_measures",
+    "tsd_verdict",
+    "tenth_filters",
+    "saliency_figure",
+    "run_demo",
+]
 
 TEACHER_MODEL = "InceptionTime"
 TEACHER_KWARGS: dict[str, Any] = {"depth": 3, "num_filters": 16}
@@ -254,15 +264,106 @@ def results_table(rows: Sequence[DemoRow]) -> str:
     return "\n".join(lines)
 
 
+def checks_table(reports: Mapping[str, SubstitutionReport]) -> str:
+    """The verdict checks of several students' substitution reports side by side, as a Markdown table: a row
+    per check (its rule, then each student's value and ``pass``/``FAIL``) and a last row with each verdict.
+
+    Example:
+        >>> import torch
+        >>> net = nn.Sequential(nn.Flatten(), nn.Linear(8, 2))
+        >>> report = substitution_report(net, net, [(torch.randn(4, 1, 8), torch.tensor([0, 1, 0, 1]))],
+        ...                              method="gradient", behaviour=False)
+        >>> print(checks_table({"KD": report, "KD+TSD": report}))
+        | check | rule | KD | KD+TSD |
+        |---|---|---|---|
+        | agreement | >= 0.9500 | 1.0000 pass | 1.0000 pass |
+        | accuracy_drop | <= 0.0200 | 0.0000 pass | 0.0000 pass |
+        | saliency_spearman | >= 0.5000 | 1.0000 pass | 1.0000 pass |
+        | can substitute | all pass | yes | yes |
+    """
+    checks = {name: {c.name: c for c in r.checks} for name, r in reports.items()}
+    lines = [f"| check | rule | {' | '.join(reports)} |", "|---|---|" + "---|" * len(reports)]
+    for check in next(iter(reports.values())).checks:
+        row = [by_name[check.name] for by_name in checks.values()]
+        rules = " / ".join(dict.fromkeys(f"{c.op} {format_value(c.threshold)}" for c in row))
+        cells = [f"{format_value(c.value)} {'pass' if c.passed else 'FAIL'}" for c in row]
+        lines.append(f"| {check.name} | {rules} | {' | '.join(cells)} |")
+    verdicts = ["yes" if r.can_substitute else "no" for r in reports.values()]
+    lines.append(f"| can substitute | all pass | {' | '.join(verdicts)} |")
+    return "\n".join(lines)
+
+
+def comparison_measures(report: SubstitutionReport) -> dict[str, float]:
+    """What the demo compares between its students, all higher-is-better: agreement, saliency alignment
+    (Spearman), the behavioural numbers (when measured) and the number of checks passed."""
+    measures = {"agreement": report.agreement}
+    if "spearman" in report.saliency:
+        measures["saliency alignment"] = report.saliency["spearman"]
+    b = report.behaviour
+    if b is not None:
+        measures["agreement under noise"] = b.noise_agreement
+        measures["agreement with a masked window"] = b.mask_agreement
+        measures["deletion gap"] = b.gap("delete")
+        measures["keep gap"] = b.gap("keep")
+    measures["checks passed"] = sum(c.passed for c in report.checks)
+    return measures
+
+
+def tsd_verdict(kd: Mapping[str, float], tsd: Mapping[str, float], margin: float = 0.01) -> str:
+    """One sentence on what TSD bought: the :func:`comparison_measures` on which the KD+TSD student beats the
+    KD student by at least ``margin`` (the benchmarks' win rule), and those on which it loses by as much.
+
+    Example:
+        >>> print(tsd_verdict({"agreement": 0.98, "keep gap": 0.1}, {"agreement": 0.98, "keep gap": 0.05}))
+        TSD bought nothing here: the KD+TSD student beats the KD student by 0.01 or more on none of agreement, saliency alignment and the behavioural checks (it loses on keep gap 0.1000 → 0.0500).
+        >>> print(tsd_verdict({"agreement": 0.98, "checks passed": 3}, {"agreement": 0.96, "checks passed": 4}))
+        TSD bought checks passed 3 → 4, at a loss in agreement 0.9800 → 0.9600 (KD → KD+TSD).
+    """
+
+    def changes(sign: int) -> list[str]:
+        return [
+            f"{name} {format_value(kd[name])} → {format_value(tsd[name])}"
+            for name in kd
+            if sign * (tsd[name] - kd[name]) >= margin
+        ]
+
+    gains, losses = changes(1), changes(-1)
+    if not gains:
+        worse = f" (it loses on {', '.join(losses)})" if losses else ""
+        return (
+            f"TSD bought nothing here: the KD+TSD student beats the KD student by {margin:g} or more on none of "
+            f"agreement, saliency alignment and the behavioural checks{worse}."
+        )
+    lost = f", at a loss in {', '.join(losses)}" if losses else ""
+    return f"TSD bought {', '.join(gains)}{lost} (KD → KD+TSD)."
+
+
+def tenth_filters(in_channels: int, num_classes: int, teacher_params: int) -> int:
+    """The filters of the :class:`~lightning_tsd.models.FCN` whose parameter count is closest (in ratio) to a
+    tenth of ``teacher_params``: the benchmarks' ``tenth`` student, on which TSD's alignment gain was the largest
+    and surest of the CNN students (``benchmarks/results/final.md``).
+
+    Example:
+        >>> tenth_filters(1, 2, 79_666), count_parameters(FCN(1, 2, 22))
+        (22, 8142)
+    """
+
+    def gap(filters: int) -> float:
+        return abs(math.log(count_parameters(FCN(in_channels, num_classes, filters)) * 10 / teacher_params))
+
+    return min(range(4, 129), key=gap)
+
+
 def saliency_figure(
     teacher: nn.Module,
-    student: nn.Module,
+    students: nn.Module | Mapping[str, nn.Module],
     data: UCRDataModule,
     num_samples: int = 3,
     steps: int = REPORT_IG_STEPS,
-) -> np.ndarray:
-    """Teacher and student integrated-gradients maps of the first test sample of each class (up to
-    ``num_samples``), drawn by :func:`~lightning_tsd.plotting.saliency_comparison` as one RGB image."""
+) -> list[Figure]:
+    """The teacher's and the students' integrated-gradients maps of the first test sample of each class (up
+    to ``num_samples``), one :func:`~lightning_tsd.plotting.saliency_panels` figure per series, each student's
+    map labelled with its Spearman correlation with the teacher's."""
     data.setup()
     test, classes = data.test_dataset, data.classes_
     assert test is not None and classes is not None  # set by setup()
@@ -273,7 +374,19 @@ def saliency_figure(
     names = [str(c) for c in classes]
     captions = [f"{data.name} test #{i}: class {names[int(test.y[i])]}" for i in picks]
     mask = None if test.mask is None else test.mask[picks]
-    return saliency_comparison(teacher, student, test.x[picks], mask, captions, names, steps)
+    return saliency_panels(teacher, students, test.x[picks], mask, captions, names, steps)
+
+
+def _save_stacked(figures: Sequence[Figure], path: Path) -> None:
+    """Render ``figures`` and write them top to bottom as one PNG."""
+    imsave(path, np.concatenate([figure_to_rgb(f) for f in figures], axis=0))
+
+
+def _nested(report: SubstitutionReport) -> str:
+    """``report`` as Markdown without its title and with every heading one level deeper, to sit under a
+    section of its own."""
+    lines = report.to_markdown().splitlines()[2:]  # the title and the blank line after it
+    return "\n".join("#" + line if line.startswith("#") else line for line in lines)
 
 
 def run_demo(
@@ -288,12 +401,15 @@ def run_demo(
 ) -> str:
     """Run the whole story and write its files to ``output``; returns the Markdown table.
 
-    Trains a small InceptionTime teacher, saves it (``teacher.pt``), distils two :class:`NarrowFCN` students
-    from the same initialisation and batch order (KD alone: ``tsd_weight=0``; KD+TSD: the distiller's
-    defaults; both with a cosine learning-rate schedule), and measures each on the test split with
-    :func:`~lightning_tsd.report.substitution_report`. Writes ``results.md``, ``saliency.png`` (teacher vs
-    KD+TSD student), ``substitution_report.md`` and ``substitution_report.png`` (KD+TSD student), and the
-    logs (``logs/<run>/metrics.csv``, or W&B runs).
+    Trains a small InceptionTime teacher, saves it (``teacher.pt``), distils two 1/10-size
+    :class:`~lightning_tsd.models.FCN` students (:func:`tenth_filters`) from the same initialisation and batch order (KD alone:
+    ``tsd_weight=0``; KD+TSD: the distiller's defaults; both with a cosine learning-rate schedule), and
+    measures each on the test split with :func:`~lightning_tsd.report.substitution_report` (behavioural
+    checks included). Prints the comparison, the two reports' checks side by side and one sentence on what
+    TSD bought (:func:`tsd_verdict`). Writes ``results.md``, ``saliency.png`` (the teacher's, the KD and the
+    KD+TSD student's maps of the same series, each student's with its alignment), ``substitution_report.md``
+    (the checks side by side, then both reports) and ``substitution_report.png`` (both reports' figures, KD
+    above KD+TSD), and the logs (``logs/<run>/metrics.csv``, or W&B runs).
 
     Args:
         dataset: a UCR/UEA dataset name (bundled with aeon: works offline).
@@ -321,7 +437,7 @@ def run_demo(
     }
 
     print(
-        f"[1/3] training the teacher ({TEACHER_MODEL} {TEACHER_KWARGS}) on {dataset}, {epochs_teacher} epochs"
+        f"[1/4] training the teacher ({TEACHER_MODEL} {TEACHER_KWARGS}) on {dataset}, {epochs_teacher} epochs"
     )
     run_logger = make_logger(logger, output, "teacher", dataset)
     teacher, teacher_seconds = train_teacher(data, epochs_teacher, run_logger, output, fast=fast)
@@ -329,13 +445,20 @@ def run_demo(
     teacher_path = output / "teacher.pt"
     save_teacher(teacher, teacher_path)
 
+    filters = tenth_filters(data.in_channels, data.num_classes, count_parameters(teacher))
     pl.seed_everything(seed, verbose=False)
-    student_init = NarrowFCN(data.in_channels, data.num_classes)
+    student_init = FCN(data.in_channels, data.num_classes, filters)
+    student_name = f"1/10-size FCN: {filters} filters, {count_parameters(student_init):,} parameters"
+    students: dict[str, nn.Module] = {}
+    reports: dict[str, SubstitutionReport] = {}
     rows = []
     for step, (method, run, kwargs) in enumerate(
         [("KD", "kd", {"tsd_weight": 0.0}), ("KD+TSD", "kd_tsd", {})], 2
     ):
-        print(f"[{step}/3] distilling a NarrowFCN student with {method}, {epochs_student} epochs")
+        print(
+            f"[{step}/4] distilling a student ({student_name}) with {method}, {epochs_student} "
+            "epochs, then its substitution report on the test split"
+        )
         if step > 2:
             close_logger(run_logger)
         run_logger = make_logger(logger, output, run, dataset)
@@ -351,16 +474,18 @@ def run_demo(
             scheduler=DEMO_SCHEDULER,
             **kwargs,
         )
-        student = distiller.student
-        report = substitution_report(teacher, student, data.test_dataloader(), **report_options)
+        students[method] = distiller.student
+        report = reports[method] = substitution_report(
+            teacher, distiller.student, data.test_dataloader(), **report_options
+        )
         rows.append(
             DemoRow(
-                f"{method} (NarrowFCN)",
+                f"{method} (FCN)",
                 report.student_accuracy,
                 report.agreement,
                 report.kl,
                 report.saliency["spearman"],
-                count_parameters(student),
+                count_parameters(distiller.student),
                 seconds,
             )
         )
@@ -368,7 +493,7 @@ def run_demo(
             {f"test/{key}": value for key, value in vars(rows[-1]).items() if isinstance(value, float)}
         )
 
-    # The last report, figures and run belong to the KD+TSD student.
+    print("[4/4] drawing the three saliency maps and the two substitution reports")
     teacher_row = DemoRow(
         f"teacher ({TEACHER_MODEL})",
         report.teacher_accuracy,
@@ -379,9 +504,17 @@ def run_demo(
         teacher_seconds,
     )
     table = results_table([teacher_row, *rows])
-    (output / "substitution_report.md").write_text(report.to_markdown())
-    report.figure().savefig(output / "substitution_report.png")
-    imsave(output / "saliency.png", saliency_figure(teacher, student, data, 2 if fast else 3))
+    checks = checks_table(reports)
+    verdict = tsd_verdict(comparison_measures(reports["KD"]), comparison_measures(reports["KD+TSD"]))
+    report_figures = [r.figure() for r in reports.values()]
+    for method, figure in zip(reports, report_figures, strict=True):
+        figure.suptitle(f"{method} student: {figure.get_suptitle()}")
+    _save_stacked(report_figures, output / "substitution_report.png")
+    _save_stacked(saliency_figure(teacher, students, data, 2 if fast else 3), output / "saliency.png")
+    (output / "substitution_report.md").write_text(
+        f"# Substitution reports: the KD and the KD+TSD student on {dataset}\n\n{checks}\n\n{verdict}\n"
+        + "".join(f"\n## {method} student ({student_name})\n\n{_nested(r)}" for method, r in reports.items())
+    )
     if isinstance(run_logger, WandbLogger):
         run_logger.log_image(
             "demo/figures", [str(output / "saliency.png"), str(output / "substitution_report.png")]
@@ -391,15 +524,16 @@ def run_demo(
     fast_note = " FAST RUN: the numbers mean nothing."
     (output / "results.md").write_text(
         f"# lightning-tsd demo: {dataset}\n\n"
-        f"Teacher: {TEACHER_MODEL} {TEACHER_KWARGS}, {epochs_teacher} epochs. Students: NarrowFCN, "
-        f"{epochs_student} epochs each, same initialisation and batch order, {DEMO_SCHEDULER} learning rate, "
-        f"teacher cache on; KD+TSD uses the distiller's default TSD settings. Metrics on the "
-        f"test split; saliency alignment is the mean Spearman correlation of captum IntegratedGradients maps "
-        f"({REPORT_IG_STEPS} steps), teacher vs student.{fast_note if fast else ''}"
-        f"\n\n{table}\n\nTotal wall time: {elapsed:.1f} s\n"
+        f"Teacher: {TEACHER_MODEL} {TEACHER_KWARGS}, {epochs_teacher} epochs. Students: "
+        f"{student_name}, {epochs_student} epochs each, same initialisation and batch order, "
+        f"{DEMO_SCHEDULER} learning rate, teacher cache on; KD+TSD uses the distiller's default TSD settings. "
+        "Metrics on the test split; saliency alignment is the mean Spearman correlation of captum "
+        f"IntegratedGradients maps ({REPORT_IG_STEPS} steps), teacher vs student.{fast_note if fast else ''}"
+        f"\n\n{table}\n\n## Substitution checks, side by side\n\n{checks}\n\n{verdict}\n\n"
+        f"Total wall time: {elapsed:.1f} s\n"
     )
     print(
-        f"\n{table}\n\nTotal wall time: {elapsed:.1f} s. Files in {output}/: results.md, teacher.pt, "
-        "saliency.png, substitution_report.md, substitution_report.png, logs"
+        f"\n{table}\n\n{checks}\n\n{verdict}\n\nTotal wall time: {elapsed:.1f} s. Files in {output}/: "
+        "results.md, teacher.pt, saliency.png, substitution_report.md, substitution_report.png, logs"
     )
     return table

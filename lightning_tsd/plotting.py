@@ -2,8 +2,9 @@
 
 Figures are ``matplotlib.figure.Figure`` objects that no pyplot window manager tracks, so they are safe
 with any backend and are freed by the garbage collector; :func:`figure_to_rgb` renders one with Agg.
-:func:`saliency_comparison` computes and draws the teacher's and a student's integrated-gradients maps of a
-few series as one stacked image (the demo's ``saliency.png``). Plain torch and matplotlib: no Lightning.
+:func:`saliency_panels` computes and draws the teacher's and one or more students' integrated-gradients maps
+of a few series, each student's labelled with its alignment; :func:`saliency_comparison` stacks them into one
+image (the demo's ``saliency.png``). Plain torch and matplotlib: no Lightning.
 """
 
 from __future__ import annotations
@@ -42,6 +43,96 @@ def _stacked(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return 0.8 * scaled + offsets[:, None], offsets
 
 
+def plot_saliency_maps(
+    x: ArrayLike,
+    maps: Mapping[str, ArrayLike],
+    mask: ArrayLike | None = None,
+    title: str = "",
+    channel_names: Sequence[str] | None = None,
+    figsize: tuple[float, float] | None = None,
+    dpi: int = 100,
+    cmap: str = "magma",
+) -> Figure:
+    """Draw a series above one saliency heatmap per entry of ``maps`` (labelled by its key), on one time axis.
+
+    A univariate series is drawn as is; a multivariate one has each channel min-max scaled and stacked
+    with an offset (channel 0 on top). Each saliency row is divided by its own maximum over real steps,
+    so the rows compare where the saliency sits, not its scale. Padded steps (``mask`` False) are
+    left out of the series and shown grey in the heatmaps.
+
+    Args:
+        x: the series, ``(C, T)`` or ``(T,)``.
+        maps: label -> saliency map ``(T,)``, drawn top to bottom in order.
+        mask: ``(T,)`` bool, True on real steps; None means all real.
+        title: figure title.
+        channel_names: one label per channel (multivariate only); default ``c0, c1, ...``.
+        figsize: size in inches (default 8 wide, 3 + 0.5 per map high); the PNG is ``figsize * dpi`` pixels.
+        dpi: dots per inch.
+        cmap: colormap of the saliency rows.
+
+    Returns:
+        A ``matplotlib.figure.Figure`` (save it with ``fig.savefig(path)``).
+
+    Example:
+        >>> maps = {"teacher": torch.rand(50), "KD": torch.rand(50), "KD+TSD": torch.rand(50)}
+        >>> fig = plot_saliency_maps(torch.randn(50), maps)
+        >>> [ax.get_ylabel() for ax in fig.axes[1:4]], fig.get_size_inches().tolist()
+        (['teacher', 'KD', 'KD+TSD'], [8.0, 4.5])
+    """
+    series = np.atleast_2d(_numpy(x))
+    steps = series.shape[1]
+    rows = np.stack([_numpy(m) for m in maps.values()])
+    if rows.shape[1:] != (steps,):
+        raise ValueError(f"saliency maps must have shape ({steps},) like x's time axis, got {rows.shape[1:]}")
+    real = np.ones(steps, dtype=bool) if mask is None else _numpy(mask).astype(bool)
+    series = np.where(real, series, np.nan)
+    rows = np.where(real, rows, np.nan)
+    peak = np.nanmax(np.abs(rows), axis=1, keepdims=True)
+    rows = rows / np.where(peak > 0, peak, 1.0)
+
+    fig = Figure(figsize=figsize or (8.0, 3.0 + 0.5 * len(rows)), dpi=dpi, layout="constrained")
+    ratios = [4] + [1] * len(rows)
+    ax_x, *ax_maps = fig.subplots(len(ratios), 1, sharex=True, gridspec_kw={"height_ratios": ratios})
+    time = np.arange(steps)
+    if series.shape[0] == 1:
+        ax_x.plot(time, series[0], color="C0", linewidth=1.2)
+        ax_x.set_ylabel("x")
+    else:
+        lines, offsets = _stacked(series)
+        for c, line in enumerate(lines):
+            ax_x.plot(time, line, color=f"C{c % 10}", linewidth=1.0)
+        names = list(channel_names) if channel_names is not None else [f"c{c}" for c in range(len(lines))]
+        ax_x.set_yticks(offsets, names)
+    colors = matplotlib.colormaps[cmap].with_extremes(bad="0.85")
+    for ax, row, label in zip(ax_maps, rows, maps, strict=True):
+        image = ax.imshow(
+            np.ma.masked_invalid(row[None, :]),
+            aspect="auto",
+            cmap=colors,
+            vmin=0.0,
+            vmax=1.0,
+            extent=(-0.5, steps - 0.5, 0, 1),
+            interpolation="nearest",
+        )
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center")
+    # one colorbar for all rows keeps the time axes aligned; it sits beside the heatmaps
+    fig.colorbar(
+        image,
+        ax=[ax_x, *ax_maps],
+        label="saliency / max",
+        fraction=0.03,
+        pad=0.01,
+        shrink=0.4,
+        anchor=(0.0, 0.0),
+    )
+    ax_maps[-1].set_xlabel("time step")
+    ax_maps[-1].set_xlim(-0.5, steps - 0.5)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
 def plot_saliency(
     x: ArrayLike,
     teacher_saliency: ArrayLike,
@@ -53,12 +144,8 @@ def plot_saliency(
     dpi: int = 100,
     cmap: str = "magma",
 ) -> Figure:
-    """Draw a series above its teacher and student saliency maps, on one time axis.
-
-    A univariate series is drawn as is; a multivariate one has each channel min-max scaled and stacked
-    with an offset (channel 0 on top). Each saliency row is divided by its own maximum over real steps,
-    so the two rows compare where the saliency sits, not its scale. Padded steps (``mask`` False) are
-    left out of the series and shown grey in the heatmaps.
+    """Draw a series above its teacher and student saliency maps, on one time axis:
+    :func:`plot_saliency_maps` with the rows ``teacher`` and ``student``.
 
     Args:
         x: the series, ``(C, T)`` or ``(T,)``.
@@ -79,57 +166,8 @@ def plot_saliency(
         >>> [ax.get_ylabel() for ax in fig.axes[1:3]]
         ['teacher', 'student']
     """
-    series = np.atleast_2d(_numpy(x))
-    maps = np.stack([_numpy(teacher_saliency), _numpy(student_saliency)])
-    steps = series.shape[1]
-    if maps.shape != (2, steps):
-        raise ValueError(f"saliency maps must have shape ({steps},) like x's time axis, got {maps.shape[1:]}")
-    real = np.ones(steps, dtype=bool) if mask is None else _numpy(mask).astype(bool)
-    series = np.where(real, series, np.nan)
-    maps = np.where(real, maps, np.nan)
-    peak = np.nanmax(np.abs(maps), axis=1, keepdims=True)
-    maps = maps / np.where(peak > 0, peak, 1.0)
-
-    fig = Figure(figsize=figsize, dpi=dpi, layout="constrained")
-    ax_x, ax_t, ax_s = fig.subplots(3, 1, sharex=True, gridspec_kw={"height_ratios": [4, 1, 1]})
-    time = np.arange(steps)
-    if series.shape[0] == 1:
-        ax_x.plot(time, series[0], color="C0", linewidth=1.2)
-        ax_x.set_ylabel("x")
-    else:
-        lines, offsets = _stacked(series)
-        for c, line in enumerate(lines):
-            ax_x.plot(time, line, color=f"C{c % 10}", linewidth=1.0)
-        names = list(channel_names) if channel_names is not None else [f"c{c}" for c in range(len(lines))]
-        ax_x.set_yticks(offsets, names)
-    colors = matplotlib.colormaps[cmap].with_extremes(bad="0.85")
-    for ax, row, label in ((ax_t, maps[0], "teacher"), (ax_s, maps[1], "student")):
-        image = ax.imshow(
-            np.ma.masked_invalid(row[None, :]),
-            aspect="auto",
-            cmap=colors,
-            vmin=0.0,
-            vmax=1.0,
-            extent=(-0.5, steps - 0.5, 0, 1),
-            interpolation="nearest",
-        )
-        ax.set_yticks([])
-        ax.set_ylabel(label, rotation=0, ha="right", va="center")
-    # one colorbar for all rows keeps the three time axes aligned; it sits beside the heatmaps
-    fig.colorbar(
-        image,
-        ax=[ax_x, ax_t, ax_s],
-        label="saliency / max",
-        fraction=0.03,
-        pad=0.01,
-        shrink=0.4,
-        anchor=(0.0, 0.0),
-    )
-    ax_s.set_xlabel("time step")
-    ax_s.set_xlim(-0.5, steps - 0.5)
-    if title:
-        fig.suptitle(title)
-    return fig
+    maps = {"teacher": teacher_saliency, "student": student_saliency}
+    return plot_saliency_maps(x, maps, mask, title, channel_names, figsize, dpi, cmap)
 
 
 def figure_to_rgb(fig: Figure) -> np.ndarray:
@@ -144,33 +182,80 @@ def figure_to_rgb(fig: Figure) -> np.ndarray:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
+def saliency_panels(
+    teacher: nn.Module,
+    students: nn.Module | Mapping[str, nn.Module],
+    x: Tensor,
+    mask: Tensor | None = None,
+    captions: Sequence[str] | None = None,
+    class_names: Sequence[str] | None = None,
+    steps: int = 32,
+) -> list[Figure]:
+    """The teacher's and each student's integrated-gradients maps of each series of ``x``: one
+    :func:`plot_saliency_maps` figure per series, its rows ``teacher`` then one per student, each student's
+    row labelled with its name and the Spearman correlation of its map with the teacher's (``ρ``).
+
+    All maps target the teacher's predicted class; each figure's title gives its caption and the teacher's
+    prediction. A single ``nn.Module`` is named ``student``. The models run in eval mode and get their modes
+    back afterwards.
+
+    Args:
+        teacher: the teacher, ``(B, C, T) -> (B, K)``.
+        students: a student, same signature, or name -> student.
+        x: ``(N, C, T)`` series, one figure each.
+        mask: ``(N, T)`` bool, True on real steps; None means all real.
+        captions: one title prefix per series (e.g. ``"GunPoint test #3: class 1"``).
+        class_names: names of the classes (default: their indices).
+        steps: integrated-gradients steps.
+
+    Example:
+        >>> teacher = nn.Sequential(nn.Flatten(), nn.Linear(20, 2))
+        >>> students = {"KD": nn.Sequential(nn.Flatten(), nn.Linear(20, 2)), "KD+TSD": teacher}
+        >>> fig, = saliency_panels(teacher, students, torch.randn(1, 1, 20), steps=4)
+        >>> [ax.get_ylabel().splitlines()[0] for ax in fig.axes[1:4]], fig.axes[3].get_ylabel().splitlines()
+        (['teacher', 'KD', 'KD+TSD'], ['KD+TSD', 'ρ = 1.00'])
+    """
+    models = {"student": students} if isinstance(students, nn.Module) else dict(students)
+    everyone = [teacher, *models.values()]
+    modes = [m.training for m in everyone]
+    try:
+        teacher_logits, teacher_maps = temporal_saliency(
+            teacher.eval(), x, None, "integrated_gradients", mask=mask, steps=steps
+        )
+        target = teacher_logits.argmax(1)
+        student_maps = {
+            name: temporal_saliency(m.eval(), x, target, "integrated_gradients", mask=mask, steps=steps)[1]
+            for name, m in models.items()
+        }
+    finally:
+        for m, mode in zip(everyone, modes, strict=True):
+            m.train(mode)
+    spearman = {
+        name: saliency_alignment(s, teacher_maps, mask)["spearman"] for name, s in student_maps.items()
+    }
+    names = [str(c) for c in class_names] if class_names is not None else None
+    figures = []
+    for i in range(len(x)):
+        predicted = names[int(target[i])] if names is not None else str(int(target[i]))
+        caption = f"{captions[i]}, teacher" if captions is not None else "teacher"
+        maps = {"teacher": teacher_maps[i]}
+        maps |= {f"{name}\nρ = {float(spearman[name][i]):.2f}": s[i] for name, s in student_maps.items()}
+        title = f"{caption} predicts {predicted}; ρ = Spearman with the teacher's map"
+        figures.append(plot_saliency_maps(x[i], maps, None if mask is None else mask[i], title))
+    return figures
+
+
 def saliency_comparison(
     teacher: nn.Module,
-    student: nn.Module,
+    students: nn.Module | Mapping[str, nn.Module],
     x: Tensor,
     mask: Tensor | None = None,
     captions: Sequence[str] | None = None,
     class_names: Sequence[str] | None = None,
     steps: int = 32,
 ) -> np.ndarray:
-    """Teacher and student integrated-gradients maps of each series of ``x``, one :func:`plot_saliency`
-    panel per series, stacked top to bottom into one RGB image.
-
-    Both maps target the teacher's predicted class; each panel's title gives its caption, the teacher's
-    prediction and the Spearman correlation of the two maps. Both models run in eval mode and get their
-    modes back afterwards.
-
-    Args:
-        teacher: the teacher, ``(B, C, T) -> (B, K)``.
-        student: the student, same signature.
-        x: ``(N, C, T)`` series, one panel each.
-        mask: ``(N, T)`` bool, True on real steps; None means all real.
-        captions: one title prefix per series (e.g. ``"GunPoint test #3: class 1"``).
-        class_names: names of the classes (default: their indices).
-        steps: integrated-gradients steps.
-
-    Returns:
-        An ``(N * H, W, 3)`` uint8 array (save it with ``matplotlib.image.imsave``).
+    """:func:`saliency_panels` rendered and stacked top to bottom into one RGB image: an ``(N * H, W, 3)``
+    uint8 array (save it with ``matplotlib.image.imsave``).
 
     Example:
         >>> teacher = nn.Sequential(nn.Flatten(), nn.Linear(20, 2))
@@ -178,30 +263,8 @@ def saliency_comparison(
         >>> saliency_comparison(teacher, student, torch.randn(2, 1, 20), steps=4).shape
         (800, 800, 3)
     """
-    modes = teacher.training, student.training
-    try:
-        teacher_logits, teacher_maps = temporal_saliency(
-            teacher.eval(), x, None, "integrated_gradients", mask=mask, steps=steps
-        )
-        target = teacher_logits.argmax(1)
-        _, student_maps = temporal_saliency(
-            student.eval(), x, target, "integrated_gradients", mask=mask, steps=steps
-        )
-    finally:
-        teacher.train(modes[0])
-        student.train(modes[1])
-    spearman = saliency_alignment(student_maps, teacher_maps, mask)["spearman"]
-    names = [str(c) for c in class_names] if class_names is not None else None
-    images = []
-    for i in range(len(x)):
-        predicted = names[int(target[i])] if names is not None else str(int(target[i]))
-        caption = f"{captions[i]}, teacher" if captions is not None else "teacher"
-        title = f"{caption} predicts {predicted}; Spearman(teacher, student) = {float(spearman[i]):.2f}"
-        figure = plot_saliency(
-            x[i], teacher_maps[i], student_maps[i], None if mask is None else mask[i], title
-        )
-        images.append(figure_to_rgb(figure))
-    return np.concatenate(images, axis=0)
+    figures = saliency_panels(teacher, students, x, mask, captions, class_names, steps)
+    return np.concatenate([figure_to_rgb(f) for f in figures], axis=0)
 
 
 Check = tuple  # (name, value, op, threshold, passed)

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from matplotlib.image import imread
 
-from lightning_tsd import TemporalSaliencyDistiller, load_teacher, save_teacher
+from lightning_tsd import TemporalSaliencyDistiller, load_teacher, save_teacher, temporal_saliency
 from lightning_tsd import demo as demo_module
 from lightning_tsd.cli import (
     ConfigError,
@@ -28,7 +31,9 @@ from lightning_tsd.cli import (
     main,
     run_lightning_cli,
 )
+from lightning_tsd.data import UCRDataModule
 from lightning_tsd.demo import DemoRow, results_table
+from lightning_tsd.functional import saliency_alignment
 from lightning_tsd.models import NarrowFCN
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -170,17 +175,26 @@ def test_fit_from_bundled_config_in_a_subprocess(gunpoint_teacher, tmp_path):
 
 def test_demo_fast_end_to_end(tmp_path):
     proc = _run(["demo", "--fast", "--output", "out", "--threads", "1", "--batch_size", "8"], cwd=tmp_path)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("|")]
-    header, _, *rows = lines
+    assert re.findall(r"^\[(\d)/4\] ", proc.stdout, flags=re.M) == ["1", "2", "3", "4"]  # a line per phase
+    tables = proc.stdout.split("\n\n")
+    results, checks = (
+        t.strip().splitlines() for t in tables if t.startswith("| method") or t.startswith("| check")
+    )
+    header, _, *rows = results
     assert [c.strip() for c in header.strip("|").split("|")] == COLUMNS
-    assert [r.split("|")[1].strip() for r in rows] == [
-        "teacher (InceptionTime)",
-        "KD (NarrowFCN)",
-        "KD+TSD (NarrowFCN)",
-    ]
+    assert [r.split("|")[1].strip() for r in rows] == ["teacher (InceptionTime)", "KD (FCN)", "KD+TSD (FCN)"]
     for row in rows[1:]:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert all(cell not in ("", "–", "nan") for cell in cells), row
+        assert cells[-2] == "8,142"  # the 1/10-size FCN of an 80k-parameter teacher
+    # both students' checks side by side, behavioural ones included, and one sentence on what TSD bought
+    assert checks[0] == "| check | rule | KD | KD+TSD |"
+    names = [r.split("|")[1].strip() for r in checks[2:]]
+    assert names[-1] == "can substitute" and {"noise_agreement", "deletion_gap", "keep_gap"} <= set(names)
+    assert all(
+        cell.split()[-1] in ("pass", "FAIL") for r in checks[2:-1] for cell in r.strip("|").split("|")[2:]
+    )
+    assert sum(line.startswith("TSD bought") for line in proc.stdout.splitlines()) == 1
     out = tmp_path / "out"
     for name in (
         "results.md",
@@ -190,14 +204,43 @@ def test_demo_fast_end_to_end(tmp_path):
         "substitution_report.png",
     ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    assert header in (out / "results.md").read_text()
-    assert "Substitution report" in (out / "substitution_report.md").read_text()
+    assert header in (out / "results.md").read_text() and checks[0] in (out / "results.md").read_text()
+    report = (out / "substitution_report.md").read_text()
+    assert checks[0] in report and "\n## KD student" in report and "\n## KD+TSD student" in report
+    assert report.count("### Verdict") == 2  # each full report, nested under its student
+    # two series, each a 8 x 4.5 in panel (the series and three maps) at 100 dpi; two 18 x 4 in reports
+    assert imread(out / "saliency.png").shape[:2] == (2 * 450, 800)
+    assert imread(out / "substitution_report.png").shape[:2] == (2 * 400, 1800)
     for run in ("teacher", "kd", "kd_tsd"):
         assert (out / "logs" / run / "metrics.csv").is_file()
         assert (
             "batch_size: 8\n" in (out / "logs" / run / "hparams.yaml").read_text()
         )  # --batch_size reached it
     assert type(load_teacher(out / "teacher.pt")).__name__ == "InceptionTime"
+
+
+def test_demo_saliency_figure_draws_the_teacher_and_both_students_each_with_its_alignment():
+    data = UCRDataModule("GunPoint", seed=0)
+    torch.manual_seed(0)
+    teacher, kd = NarrowFCN(1, 2), NarrowFCN(1, 2)
+    figures = demo_module.saliency_figure(
+        teacher, {"KD": kd, "KD+TSD": teacher}, data, num_samples=2, steps=4
+    )
+    assert len(figures) == 2
+    test = data.test_dataset
+    for figure in figures:
+        index = int(re.search(r"test #(\d+)", figure.get_suptitle()).group(1))
+        rows = figure.axes[1:4]  # under the series: one heatmap per model
+        labels = [ax.get_ylabel().splitlines() for ax in rows]
+        assert [label[0] for label in labels] == ["teacher", "KD", "KD+TSD"]
+        maps = [ax.images[0].get_array() for ax in rows]
+        assert labels[2][1] == "ρ = 1.00" and np.allclose(maps[2], maps[0])  # the teacher as a student
+        x = test.x[index : index + 1]
+        target = teacher.eval()(x).argmax(1)
+        _, t_map = temporal_saliency(teacher, x, target, "integrated_gradients", steps=4)
+        _, s_map = temporal_saliency(kd.eval(), x, target, "integrated_gradients", steps=4)
+        assert labels[1][1] == f"ρ = {float(saliency_alignment(s_map, t_map)['spearman'][0]):.2f}"
+        assert not np.allclose(maps[1], maps[0])
 
 
 def test_demo_batch_size_flag_parses_and_defaults_to_the_demo_constant():

@@ -217,8 +217,49 @@ def cmd_report(args) -> None:
         datasets = sorted({b[0] for b, _ in variants.get("kd", [])})
         lines += ["", f"Datasets: {', '.join(datasets)}.", ""]
     out = RESULTS / "behaviour.md"
+    figure = _plot_curves(groups)
+    if figure:
+        lines += [f"![deletion and keep curves]({figure.name})", ""]
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
+
+
+def _plot_curves(groups) -> Path | None:
+    """``behaviour.png``: per (split, artefact, student) and mode, the student's agreement with the teacher's
+    clean prediction against k; one colour per variant, teacher-ranked solid, random dashed (means)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted(groups)
+    if not keys:
+        return None
+    fig, axes = plt.subplots(len(keys), 2, figsize=(11, 3.6 * len(keys)), squeeze=False)
+    for row, key in zip(axes, keys):
+        for ax, (tag, title) in zip(
+            row, (("del", "teacher's top k% deleted"), ("keep", "only its top k% kept"))
+        ):
+            for colour, v in zip(("C0", "C1", "C2", "C3"), VARIANTS):
+                rows = [r for _, r in groups[key].get(v, [])]
+                for suffix, style in (("", "-"), ("_rand", "--")):
+                    if rows:
+                        y = [
+                            np.mean([float(r[f"{tag}_{int(f * 100)}{suffix}"]) for r in rows])
+                            for f in FRACTIONS
+                        ]
+                        label = f"{v} ({'teacher-ranked' if not suffix else 'random'}, n={len(rows)})"
+                        ax.plot([100 * f for f in FRACTIONS], y, style, color=colour, marker="o", label=label)
+            ax.set(
+                title=f"{key[2]}, {key[1]}, {key[0]}: {title}", xlabel="k (% of steps)", ylabel="agreement"
+            )
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    path = RESULTS / "behaviour.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main() -> None:

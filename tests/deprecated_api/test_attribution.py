@@ -22,14 +22,20 @@ def x():
 
 
 def test_old_names_warn_and_map_to_the_new_ones(model, x):
-    with pytest.warns(DeprecationWarning, match="'saliency' is deprecated; use 'gradient'"):
+    with pytest.warns(
+        DeprecationWarning, match=r"'saliency' is deprecated and will be removed in 0\.3\.0; use 'gradient'"
+    ):
         assert check_attribution_options("saliency") == ("gradient", {})
-    with pytest.warns(DeprecationWarning, match="'n_steps' is deprecated; use 'steps'"):
+    with pytest.warns(
+        DeprecationWarning, match=r"'n_steps' is deprecated and will be removed in 0\.3\.0; use 'steps'"
+    ):
         assert check_attribution_options("integrated_gradients", {"n_steps": 4}) == (
             "integrated_gradients",
             {"steps": 4},
         )
-    with pytest.warns(DeprecationWarning, match="method_kwargs is deprecated"):
+    with pytest.warns(
+        DeprecationWarning, match=r"method_kwargs is deprecated and will be removed in 0\.3\.0"
+    ):
         assert check_attribution_options("occlusion", None, {"window": 3}) == ("occlusion", {"window": 3})
     with pytest.warns(DeprecationWarning):
         old = temporal_attribution(model, x, 0, method="saliency")
