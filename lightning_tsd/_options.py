@@ -38,6 +38,7 @@ def check_options(base_loss: Any, optimizer: Any, hparams: Mapping[str, Any]) ->
     scheduler = hparams["scheduler"]
     recombination_weight = hparams.get("recombination_weight", 0.0)
     recombination_keep = hparams.get("recombination_keep", 0.5)
+    tsd_fraction = hparams.get("tsd_fraction", 1.0)
     if not (callable(base_loss) or base_loss in BASE_LOSSES):
         raise ValueError(
             f"unknown base_loss {base_loss!r}; choose one of {list(BASE_LOSSES)} or pass a callable"
@@ -56,6 +57,15 @@ def check_options(base_loss: Any, optimizer: Any, hparams: Mapping[str, Any]) ->
         raise ValueError(f"tsd_start is a fraction of the fit in [0, 1), got {tsd_start}")
     if tsd_every_n_steps < 1:
         raise ValueError(f"tsd_every_n_steps must be >= 1, got {tsd_every_n_steps}")
+    for flag in ("tsd_every_n_scale", "teacher_cache_precompute"):
+        if not isinstance(hparams.get(flag, False), bool):
+            raise ValueError(f"{flag} must be True or False, got {hparams[flag]!r}")
+    if isinstance(tsd_fraction, bool) or not (
+        isinstance(tsd_fraction, (int, float)) and 0 < tsd_fraction <= 1
+    ):
+        raise ValueError(
+            f"tsd_fraction is the fraction of each batch the TSD term sees, in (0, 1], got {tsd_fraction!r}"
+        )
     if tsd_gradient not in TSD_GRADIENTS:
         raise ValueError(f"tsd_gradient must be one of {list(TSD_GRADIENTS)}, got {tsd_gradient!r}")
     if not (callable(optimizer) or optimizer in OPTIMIZERS):
@@ -90,17 +100,29 @@ def build_scheduler(
 
 
 def tsd_weight_at(
-    step: int, total_steps: float | None, weight: float, start: float, warmup: float, every_n_steps: int
+    step: int,
+    total_steps: float | None,
+    weight: float,
+    start: float,
+    warmup: float,
+    every_n_steps: int,
+    *,
+    scale_by_n: bool = False,
 ) -> float:
-    """``w_tsd`` at optimizer step ``step`` of ``total_steps``: 0 off the ``every_n_steps`` grid and before
+    """``w_tsd`` at optimizer step ``step`` of ``total_steps``: 0 off the ``every_n_steps`` grid (and
+    ``every_n_steps * weight`` on it with ``scale_by_n``, the same mean weight per step) and before
     ``start * total_steps``, then ramped linearly over ``warmup * total_steps`` steps.
 
     Example:
         >>> [tsd_weight_at(s, 10, 1.0, start=0.2, warmup=0.4, every_n_steps=1) for s in range(0, 10, 2)]
         [0.0, 0.0, 0.5, 1.0, 1.0]
+        >>> [tsd_weight_at(s, None, 0.5, 0.0, 0.0, every_n_steps=4, scale_by_n=True) for s in range(5)]
+        [2.0, 0.0, 0.0, 0.0, 2.0]
     """
     if weight == 0 or step % every_n_steps:
         return 0.0
+    if scale_by_n:
+        weight = weight * every_n_steps
     if total_steps is None or not (warmup > 0 or start > 0):
         return weight
     begin = int(start * total_steps)

@@ -10,9 +10,10 @@ check of every value (:class:`~lightning_tsd.guard.BadBatchGuard`, one host read
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import lightning.pytorch as pl
@@ -21,6 +22,8 @@ import torch.nn.functional as F
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from lightning_tsd import _compat
 from lightning_tsd._batch import (
@@ -58,6 +61,7 @@ from lightning_tsd.losses import BaseLoss, TemporalSaliencyLoss, base_distillati
 from lightning_tsd.metrics import DistillationMetrics, TeacherAgreement
 from lightning_tsd.plugins import CheckedCheckpointIO
 from lightning_tsd.recombination import recombine
+from lightning_tsd.saliency import RANDOM_SAMPLINGS
 from lightning_tsd.teacher import TeacherOutputs, TeacherSource, teacher_options
 
 __all__ = ["OPTIMIZERS", "SCHEDULERS", "TemporalSaliencyDistiller", "infer_num_classes"]
@@ -81,10 +85,14 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
         tsd_weight: weight ``w_tsd`` of the TSD term; 0 is exactly the base method and computes no saliency.
         temperature: KD temperature ``tau``.
         saliency: estimator: ``"gradient"``, ``"input_x_gradient"``, ``"integrated_gradients"``, ``"occlusion"``.
-        saliency_options: estimator options, checked here; ``sampling="uniform"`` draws from a generator seeded
-            with ``torch.initial_seed() + global_step`` (reproducible, and the same after a resume).
+        saliency_options: estimator options, checked here; a random ``sampling`` (``"uniform"``, ``"antithetic"``,
+            ``"stratified"``) draws from a generator seeded with ``torch.initial_seed() + global_step``
+            (reproducible, and the same after a resume).
         teacher_saliency_options: options for the teacher's maps (default: ``saliency_options`` without
-            ``sampling``, so the teacher's maps are deterministic and cacheable).
+            ``sampling``, so the teacher's maps are deterministic and cacheable). With the cache on they are paid
+            once, so ``{"steps": 32}`` costs little more; it is not the default, since the selection measured the
+            teacher at the student's options (with a 32-step teacher a tiny student at ``tsd_weight=2``
+            collapsed in ``tests/test_real_data.py``).
         saliency_target: ``"teacher"`` (its predicted class), ``"label"``, or ``"distribution"`` (every class,
             weighted by the teacher's probabilities; ``K`` times the saliency cost).
         saliency_temperature: ``tau_s`` of the ``"kl"`` alignment.
@@ -96,6 +104,14 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
         tsd_warmup: fraction of the fit's optimizer steps over which ``w_tsd`` ramps up linearly from 0.
         tsd_start: fraction of the fit's optimizer steps before which TSD is off (KD first).
         tsd_every_n_steps: compute the TSD term every n-th step only (the other steps are plain KD).
+        tsd_every_n_scale: on those steps, weight the term ``n * w_tsd``, so that its mean weight per step stays
+            ``w_tsd`` (default False: ``w_tsd``).
+        tsd_fraction: the TSD term on a random ``ceil(tsd_fraction * B)`` rows of each batch (an unbiased
+            estimate of the batch mean; the rows drawn from a generator seeded with the global seed and step, so
+            a resume is exact). Below 1 the student runs twice: once on the whole batch for its logits (the
+            CE/KD terms; train-mode BatchNorm sees every real sample once, there), and once on the rows with
+            BatchNorm in eval mode for their maps (for integrated gradients the same maps as on the whole batch;
+            for the other estimators with train-mode BatchNorm, the maps of its eval mode).
         dkd_alpha: DKD's TCKD weight; ``dkd_beta``: its NCKD weight.
         student_train_mode: train the student in train mode (default); False keeps it in eval mode.
         lr: learning rate.
@@ -106,6 +122,10 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
             path of a cache file (``lightning-tsd cache-teacher``, :meth:`TeacherCache.save`), loaded here and
             refused when it was made with another teacher, other saliency options or (on a sample's first hit)
             other data.
+        teacher_cache_precompute: with the cache on and a finite train loader, fill the cache in one pass over the
+            train loader before the first epoch (a progress bar; under DDP each process fills its shard, then
+            the rows are exchanged), so that every epoch is served from it; samples already cached (a restored
+            checkpoint, a cache file) are not computed again. False: the first epoch fills it.
         num_classes: the number of classes; when given, the models' outputs must agree with it.
         on_bad_batch: NaN/Inf in ``x`` or the loss: ``"raise"`` an error before the optimizer step, or ``"skip"``
             the step on every process (counted in ``train/skipped_batches``). Bad labels or masks always raise.
@@ -151,6 +171,8 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
         tsd_warmup: float = 0.0,
         tsd_start: float = 0.0,
         tsd_every_n_steps: int = 1,
+        tsd_every_n_scale: bool = False,
+        tsd_fraction: float = 1.0,
         dkd_alpha: float = 1.0,
         dkd_beta: float = 8.0,
         student_train_mode: bool = True,
@@ -159,6 +181,7 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
         weight_decay: float = 0.0,
         scheduler: str | None = None,
         teacher_cache: bool | str | os.PathLike | TeacherCache = False,
+        teacher_cache_precompute: bool = True,
         num_classes: int | None = None,
         on_bad_batch: str = "raise",
         feature_pairs: dict[str, str] | None = None,
@@ -332,10 +355,15 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
             raise ValueError(f"the teacher returned logits of shape {tuple(teacher.logits.shape)}")
         parts: dict[str, Tensor] = {}
         if weight > 0:
-            cached = (teacher.logits, teacher.saliency)
             generator = self._step_generator(b.x.device)
-            out = self.tsd(self.teacher, self.student, b.x, b.y, b.mask, cached, True, generator)
-            student_logits, parts["tsd"] = out.student_logits, out.loss
+            rows = self._tsd_rows(b.x.shape[0], generator)
+            sampling = generator if self._draws_interpolants else None
+            if rows is None:
+                cached = (teacher.logits, teacher.saliency)
+                out = self.tsd(self.teacher, self.student, b.x, b.y, b.mask, cached, True, sampling)
+                student_logits, parts["tsd"] = out.student_logits, out.loss
+            else:
+                student_logits, parts["tsd"] = self._sub_batch_tsd(b, teacher, rows, sampling)
         else:
             student_logits = call_model(self.student, b.x, b.mask)
         if features is not None:
@@ -349,6 +377,20 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
         if base is not None:
             parts["kd"] = base
         return self._total(parts, weight, student_logits), parts, student_logits
+
+    def _sub_batch_tsd(
+        self, b: Batch, teacher: TeacherOutputs, rows: Tensor, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor]:
+        """``tsd_fraction < 1``: the student's logits on the whole batch from a plain forward (the CE/KD terms;
+        train-mode BatchNorm sees every real sample once, there) and the TSD term on ``rows`` alone, from a
+        second call with BatchNorm in eval mode (its statistics are not touched again)."""
+        assert teacher.saliency is not None  # with_saliency is on whenever weight > 0
+        student_logits = call_model(self.student, b.x, b.mask)
+        y, mask = (None if t is None else t[rows] for t in (b.y, b.mask))
+        cached = (teacher.logits[rows], teacher.saliency[rows])
+        with batchnorm_eval(self.student):
+            out = self.tsd(self.teacher, self.student, b.x[rows], y, mask, cached, True, generator)
+        return student_logits, out.loss
 
     def _feature_loss(self, b: Batch, features: dict[str, list]) -> Tensor:
         """The FitNets term. The teacher's features come from its live forward in this step; when its outputs
@@ -401,11 +443,25 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
         reduce = (lambda v: self.trainer.strategy.reduce(v, reduce_op="mean")) if ddp else None
         return combined_loss(base, parts.get("tsd"), weight, hp.tsd_gradient, params, student_logits, reduce)
 
+    @property
+    def _draws_interpolants(self) -> bool:
+        """Whether the student's maps draw random interpolants from the step's generator."""
+        options = self.tsd.saliency_options
+        return options.get("sampling") in RANDOM_SAMPLINGS and "generator" not in options
+
     def _step_generator(self, device: torch.device) -> torch.Generator | None:
-        """For ``sampling="uniform"``: a generator seeded by the global seed and step (resumes bit-exact)."""
-        if self.tsd.saliency_options.get("sampling") != "uniform" or "generator" in self.tsd.saliency_options:
+        """What a step draws (the ``tsd_fraction`` rows, then the student's random interpolants) comes from a
+        generator seeded by the global seed and step (resumes bit-exact); None when it draws nothing."""
+        if not (self._draws_interpolants or self.hparams.tsd_fraction < 1):
             return None
         return torch.Generator(device=device).manual_seed((torch.initial_seed() + self.global_step) % 2**63)
+
+    def _tsd_rows(self, batch_size: int, generator: torch.Generator | None) -> Tensor | None:
+        """The ``ceil(tsd_fraction * B)`` rows of the TSD term, uniformly at random (None: every row)."""
+        count = math.ceil(self.hparams.tsd_fraction * batch_size)
+        if generator is None or count >= batch_size:
+            return None
+        return torch.randperm(batch_size, generator=generator, device=generator.device)[:count]
 
     def base_loss_value(
         self, student_logits: Tensor, teacher_logits: Tensor, y: Tensor | None
@@ -437,12 +493,14 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
         return loss
 
     def current_tsd_weight(self) -> float:
-        """``w_tsd`` at this step: 0 before ``tsd_start`` and off the ``tsd_every_n_steps`` grid, ramped during
-        the warm-up, times ``tsd_weight_scale`` (1 unless a callback lowered it)."""
+        """``w_tsd`` at this step: 0 before ``tsd_start`` and off the ``tsd_every_n_steps`` grid (times n on it
+        with ``tsd_every_n_scale``), ramped during the warm-up, times ``tsd_weight_scale`` (1 unless a callback
+        lowered it)."""
         hp = self.hparams
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else None
         schedule = (hp.tsd_start, hp.tsd_warmup, hp.tsd_every_n_steps)
-        return tsd_weight_at(self.global_step, total, float(hp.tsd_weight) * self.tsd_weight_scale, *schedule)
+        weight = float(hp.tsd_weight) * self.tsd_weight_scale
+        return tsd_weight_at(self.global_step, total, weight, *schedule, scale_by_n=hp.tsd_every_n_scale)
 
     def _where(self, batch_idx: int) -> str:
         return f"batch {batch_idx} of epoch {self.current_epoch} (global step {self.global_step})"
@@ -485,6 +543,9 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_train_start(self) -> None:
+        # the fill first: it leaves every random state (global, the loader's) as it found it
+        if self.teacher_cache is not None and self.hparams.teacher_cache_precompute:
+            self._fill_teacher_cache(self.trainer.train_dataloader)
         _compat.hand_over_restored_loader_state(self.trainer)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -504,6 +565,32 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
         scheduler = build_scheduler(optimizer, hp.scheduler, hp.lr, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def _fill_teacher_cache(self, loader: Any) -> None:
+        """``teacher_cache_precompute``: one pass over the train loader before the first epoch (this process's
+        shard under DDP; the rows are then exchanged), skipped when the cache already holds as many samples
+        as the loader's dataset (restored from a checkpoint or a file) or the loader has no length. A batch the
+        pass cannot fill (no ``index``, bad values, a teacher error) is left to the training step, which
+        refuses, skips or fills it as it would without the pass."""
+        cache = self.teacher_cache
+        assert cache is not None
+        if not isinstance(loader, DataLoader) or not math.isfinite(self.trainer.num_training_batches):
+            return
+        if len(cache) >= len(loader.dataset):  # type: ignore[arg-type]  # a finite loader's dataset is sized
+            return
+        trainer = self.trainer
+        show = trainer.is_global_zero and trainer.progress_bar_callback is not None
+        with _random_state_kept(loader, self.device), trainer.precision_plugin.train_step_context():
+            for i, batch in enumerate(tqdm(_fresh(loader), "teacher cache", len(loader), disable=not show)):
+                try:
+                    b = self._unpack(move_data_to_device(batch, self.device), i)
+                    if b.index is not None:
+                        self.source.outputs(
+                            b.x, b.y, b.mask, b.index, with_saliency=self._teacher_maps_needed
+                        )
+                except Exception:  # noqa: BLE001  # the step meets this batch again and says what is wrong
+                    continue
+        self.source.end_fill(sharded=trainer.world_size > 1)
+
     def precompute_teacher_cache(self, dataloader: Any) -> int:
         """Fill the teacher cache in one pass over ``dataloader`` (batches must carry ``index``); returns the
         number of cached samples. Call it before ``trainer.fit`` (under DDP every rank runs the whole loader).
@@ -511,3 +598,35 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
         self._key_teacher_cache()
         batches = (self._unpack(move_data_to_device(b, self.device), i) for i, b in enumerate(dataloader))
         return self.source.precompute(batches, with_saliency=self._teacher_maps_needed)
+
+
+def _fresh(loader: DataLoader) -> DataLoader:
+    """A loader whose iteration leaves ``loader``'s own iterator alone: iterating a loader with persistent
+    workers resets the one iterator it keeps, which the fit loop already holds."""
+    if not (loader.persistent_workers and loader.num_workers > 0):
+        return loader
+    batching: dict[str, Any] = (
+        {"batch_sampler": loader.batch_sampler}
+        if loader.batch_sampler is not None
+        else {"sampler": loader.sampler, "batch_size": None}
+    )
+    return DataLoader(
+        loader.dataset, **batching, num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn,
+    )  # fmt: skip
+
+
+@contextmanager
+def _random_state_kept(loader: DataLoader, device: torch.device) -> Iterator[None]:
+    """Iterate ``loader`` without moving any random state: the global one (an iterator draws its workers'
+    seed there, a sampler without a generator its order) and the generators of the loader and its samplers,
+    so that the fit shuffles as it would without the pass. The pass draws from a global stream of its own:
+    a random augmentation then differs from the first epoch's, and the cache's input check refuses it."""
+    samplers = (loader, loader.sampler, getattr(loader.batch_sampler, "sampler", None))
+    generators = {id(g): g for g in (getattr(s, "generator", None) for s in samplers) if g is not None}
+    states = {key: g.get_state() for key, g in generators.items() if isinstance(g, torch.Generator)}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.default_generator.manual_seed((torch.initial_seed() + 1) % 2**63)
+        yield
+    for key, state in states.items():
+        generators[key].set_state(state)

@@ -152,17 +152,38 @@ def input_x_gradient(
 
 
 IG_CHUNK_ROWS = 64  # teacher-side IG runs at most max(B, IG_CHUNK_ROWS) interpolant rows per forward
-SAMPLINGS = ("midpoint", "uniform")
+SAMPLINGS = ("midpoint", "uniform", "antithetic", "stratified")
+# drawn from a generator (a student's maps; a teacher's stay deterministic)
+RANDOM_SAMPLINGS = ("uniform", "antithetic", "stratified")
 
 
 def _ig_alphas(steps: int, sampling: str, generator: torch.Generator | None, x: Tensor) -> Tensor:
-    """``(steps, B)`` interpolation coefficients: midpoints ``(j - 1/2) / m`` or i.i.d. ``U(0, 1)`` draws."""
+    """``(steps, B)`` interpolation coefficients, per sample (column).
+
+    ``"midpoint"``: ``(j - 1/2) / m``. The random ones are unbiased for the path mean (each coefficient is
+    ``U(0, 1)`` on its own): ``"uniform"`` i.i.d. draws; ``"antithetic"`` pairs ``a`` and ``1 - a`` (an odd
+    ``steps`` leaves one draw unpaired); ``"stratified"`` one draw in each stratum ``[(j - 1) / m, j / m)``.
+
+    Example:
+        >>> a = _ig_alphas(4, "antithetic", torch.Generator().manual_seed(0), torch.zeros(3, 1, 8))
+        >>> a.shape, torch.allclose(a[:2] + a[2:], torch.ones(2, 3))
+        (torch.Size([4, 3]), True)
+        >>> s = _ig_alphas(4, "stratified", torch.Generator().manual_seed(0), torch.zeros(3, 1, 8))
+        >>> bool(((s * 4).floor() == torch.arange(4.0).unsqueeze(1)).all())
+        True
+    """
     batch = x.shape[0]
     if sampling == "midpoint":
         alphas = (torch.arange(steps, device=x.device, dtype=x.dtype) + 0.5) / steps
         return alphas.unsqueeze(1).expand(steps, batch)
     device = x.device if generator is None else generator.device
-    return torch.rand(steps, batch, generator=generator, device=device, dtype=x.dtype).to(x.device)
+    draws = (steps + 1) // 2 if sampling == "antithetic" else steps
+    u = torch.rand(draws, batch, generator=generator, device=device, dtype=x.dtype).to(x.device)
+    if sampling == "antithetic":
+        return torch.cat([u, 1.0 - u])[:steps]
+    if sampling == "stratified":
+        return (torch.arange(steps, device=x.device, dtype=x.dtype).unsqueeze(1) + u) / steps
+    return u
 
 
 def _ig_mean_gradient_chunked(
@@ -211,8 +232,11 @@ def integrated_gradients(
 
     ``sampling="midpoint"``: the midpoint rule ``a_j = (j - 1/2) / m`` for ``j = 1..steps`` (captum's
     ``riemann_middle``; ``steps=1`` is the single midpoint ``a = 1/2``). ``sampling="uniform"``: per
-    sample, ``steps`` i.i.d. ``a ~ U(0, 1)`` (an unbiased estimate of the path-mean gradient), drawn from
-    ``generator`` (the global RNG when None; a generator on ``x``'s device avoids a host-device copy).
+    sample, ``steps`` i.i.d. ``a ~ U(0, 1)`` (an unbiased estimate of the path-mean gradient);
+    ``"antithetic"``: pairs ``a, 1 - a`` (unbiased, lower variance where the gradient is monotone along the
+    path); ``"stratified"``: ``a_j ~ U((j - 1) / m, j / m)`` (unbiased, never more variance than uniform). The
+    random ones draw from ``generator`` (the global RNG when None; a generator on ``x``'s device avoids a
+    host-device copy).
 
     With ``create_graph=True`` (a student) all interpolants go through the model in one batched call
     together with ``x`` (every graph must be kept anyway; ``internal_batch_size`` is not used). Without it

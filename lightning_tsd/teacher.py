@@ -54,6 +54,8 @@ def teacher_options(options: dict[str, Any] | None, teacher: dict[str, Any] | No
     Example:
         >>> teacher_options({"steps": 1, "sampling": "uniform"})
         {'steps': 1}
+        >>> teacher_options({"steps": 2, "sampling": "antithetic"}, {"steps": 32})
+        {'steps': 32}
     """
     if teacher is not None:
         return dict(teacher)
@@ -221,10 +223,11 @@ class TeacherSource:
         )
 
     def discard(self, outputs: TeacherOutputs) -> None:
-        """Forget what ``outputs`` added to the cache (its step was refused or skipped)."""
+        """Forget what ``outputs`` added to the cache (its step was refused or skipped). They stay misses of
+        the epoch: the cache lacks them, so it is not complete (a complete cache that missed them would ask
+        again on one process only, and repeat that step's collectives there)."""
         if self.cache is not None and outputs.stored is not None:
             self.cache.discard(outputs.stored)
-            self._misses -= int(outputs.stored.numel())
 
     def precompute(self, batches: Iterable[Any], with_saliency: bool = True) -> int:
         """Fill the cache from validated batches (each with an ``index``); returns the number of cached samples.
@@ -237,8 +240,19 @@ class TeacherSource:
                     "precompute_teacher_cache needs batches with an 'index' (use IndexedDataset)"
                 )
             self.outputs(b.x, b.y, b.mask, b.index, with_saliency=with_saliency)
-        self.cache.mark_synced()
-        self._misses = 0  # filled before the fit: a first epoch served from it makes the source complete
+        return self.end_fill(sharded=False)
+
+    def end_fill(self, sharded: bool) -> int:
+        """End a fill of the cache before the fit: its rows are not misses of the fit's first epoch (an epoch
+        served from them makes the source complete). ``sharded``: each process filled its own shard, so the
+        rows are exchanged (a collective, :meth:`TeacherCache.sync`); otherwise each filled them all.
+        Returns the number of cached samples."""
+        assert self.cache is not None
+        if sharded:
+            self.cache.sync()
+        else:
+            self.cache.mark_synced()
+        self._misses = 0
         return len(self.cache)
 
     def _map_shape(self, x: Tensor) -> tuple[int, ...] | None:

@@ -33,7 +33,13 @@ def _teacher(seed: int = 0) -> TinyCNN:
 
 def _distiller(teacher, cache, seed: int = 1, **kwargs) -> TemporalSaliencyDistiller:
     torch.manual_seed(seed)
-    options = {"saliency": "integrated_gradients", "saliency_options": OPTIONS, **kwargs}
+    # the teacher's maps at the student's options (a cache's default for them is 32 steps)
+    options = {
+        "saliency": "integrated_gradients",
+        "saliency_options": OPTIONS,
+        "teacher_saliency_options": OPTIONS,
+    }
+    options.update(kwargs)
     return TemporalSaliencyDistiller(teacher, TinyCNN(1, 3, width=4), teacher_cache=cache, **options)
 
 
@@ -107,11 +113,11 @@ def test_refuses_another_teacher(cache_file):
     "options, differ",
     [
         (
-            {"saliency_options": {"steps": 4}},
+            {"teacher_saliency_options": {"steps": 4}},
             r"other saliency options \(cache: '\{\"steps\": 2\}', now: '\{\"steps\": 4\}'\)",
         ),
         (
-            {"saliency": "gradient", "saliency_options": None},
+            {"saliency": "gradient", "saliency_options": None, "teacher_saliency_options": None},
             r"another saliency estimator \(cache: 'integrated_gradients'",
         ),
         ({"saliency_target": "label"}, r"another saliency_target \(cache: 'teacher', now: 'label'\)"),

@@ -347,6 +347,7 @@ def test_cache_teacher_writes_a_cache_that_fit_accepts_and_other_options_refuse(
     save_teacher(NarrowFCN(1, 2), teacher_file)
     args = [
         "--config", "gunpoint", f"--model.teacher={teacher_file}", '--model.saliency_options={"steps": 2}',
+        '--model.teacher_saliency_options={"steps": 2}',
         f"--trainer.logger.init_args.save_dir={tmp_path}",
     ]  # fmt: skip
     main(["cache-teacher", *args, "--output", str(output)])
@@ -369,5 +370,5 @@ def test_cache_teacher_writes_a_cache_that_fit_accepts_and_other_options_refuse(
     cli = run_lightning_cli([*args, f"--model.teacher_cache={output}"], run=False)
     assert len(cli.model.teacher_cache) == 37 and cli.model.teacher_cache.origin == str(output)
     with pytest.raises(TeacherCacheError, match=r"other saliency options .*now: '\{\"steps\": 4\}'"):
-        other = '--model.saliency_options={"steps": 4}'
+        other = '--model.teacher_saliency_options={"steps": 4}'
         run_lightning_cli([*args, other, f"--model.teacher_cache={output}"], run=False)

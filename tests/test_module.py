@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from trainers import quiet_trainer
 
 from lightning_tsd import InvalidBatchError, TemporalSaliencyDistiller, UnsafeCheckpointError, save_teacher
-from lightning_tsd.saliency import IG_CHUNK_ROWS
+from lightning_tsd.saliency import IG_CHUNK_ROWS, temporal_saliency
 
 
 def make_data(n: int = 48, length: int = 20, channels: int = 1, classes: int = 3, seed: int = 0):
@@ -136,9 +136,14 @@ def test_tsd_weight_zero_is_exactly_the_base_method():
         assert torch.equal(p, q), name
 
 
-def test_teacher_cache_runs_teacher_only_in_first_epoch_and_trains_the_same_student():
+def test_teacher_cache_runs_teacher_only_before_the_first_epoch_and_trains_the_same_student():
     data = make_data()
-    cached = distiller(tsd_weight=1.0, teacher_cache=True, saliency="integrated_gradients")
+    cached = distiller(
+        tsd_weight=1.0,
+        teacher_cache=True,
+        saliency="integrated_gradients",
+        teacher_saliency_options={"steps": 32},
+    )
     calls = count_forwards(cached.teacher)
     per_epoch = []
 
@@ -149,15 +154,49 @@ def test_teacher_cache_runs_teacher_only_in_first_epoch_and_trains_the_same_stud
     trainer(max_epochs=3, limit_val_batches=0, callbacks=[EpochCalls()]).fit(
         cached, loader(data, shuffle=True)
     )
-    # 3 batches in epoch 1 (x, then the interpolants in chunks), plus the class-count forward; none after
-    per_batch = 1 + math.ceil(16 * 8 / max(16, IG_CHUNK_ROWS))
-    assert per_epoch == [3 * per_batch + 1] * 3
+    # the fill before the first epoch: 3 batches (x, then 16 * 32 interpolants in chunks); the cache then
+    # answers every step and even the class count
+    per_batch = 1 + math.ceil(16 * 32 / max(16, IG_CHUNK_ROWS))
+    assert per_epoch == [3 * per_batch] * 3
     assert len(cached.teacher_cache) == len(data)
 
-    live = distiller(tsd_weight=1.0, teacher_cache=False, saliency="integrated_gradients")
+    # the same teacher maps live: the same student (the fill left the shuffle's random state alone)
+    live = distiller(tsd_weight=1.0, saliency="integrated_gradients", teacher_saliency_options={"steps": 32})
     trainer(max_epochs=3, limit_val_batches=0).fit(live, loader(data, shuffle=True))
     for (name, p), q in zip(cached.student.named_parameters(), live.student.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_cached_teacher_maps_are_filled_before_the_first_step(capsys):
+    data = make_data()
+    cheap = {"saliency": "integrated_gradients", "saliency_options": {"steps": 2, "sampling": "antithetic"}}
+    default = distiller(tsd_weight=1.0, teacher_cache=True, **cheap)
+    assert default.source.saliency_options == {"steps": 2}  # the student's options, deterministic
+    model = distiller(tsd_weight=1.0, teacher_cache=True, teacher_saliency_options={"steps": 32}, **cheap)
+    assert (
+        model.source.saliency_options == {"steps": 32}
+        and model.tsd.saliency_options == cheap["saliency_options"]
+    )
+    seen = []
+
+    class FirstStep(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen.append((len(module.teacher_cache), len(calls)))
+
+    calls = count_forwards(model.teacher)
+    trainer(max_epochs=1, limit_val_batches=0, callbacks=[FirstStep()], enable_progress_bar=True).fit(
+        model, loader(data, shuffle=True)
+    )
+    assert "teacher cache: 100%" in capsys.readouterr().err  # the fill's progress bar
+    assert seen[0][0] == len(data) and {c for _, c in seen} == {len(calls)}  # no teacher call in the epoch
+    x = torch.stack([d["x"] for d in data])
+    _, maps = temporal_saliency(model.teacher, x, method="integrated_gradients", steps=32)
+    torch.testing.assert_close(model.teacher_cache.saliency[: len(data)], maps)
+
+    off = distiller(tsd_weight=1.0, teacher_cache=True, teacher_cache_precompute=False, **cheap)
+    seen.clear()
+    trainer(max_epochs=1, limit_val_batches=0, callbacks=[FirstStep()]).fit(off, loader(data))
+    assert [n for n, _ in seen] == [0, 16, 32]  # the first epoch fills it, batch by batch
 
 
 def test_teacher_cache_refuses_augmented_inputs():

@@ -421,6 +421,89 @@ def test_a_full_cache_serves_what_does_not_fit_live():
     assert len(empty) == 0
 
 
+# ----------------------------------------------------------------------------- cheap steps: sub-batch, every n
+def test_tsd_fraction_aligns_a_random_sub_batch_and_keeps_ce_on_the_whole_batch():
+    """``tsd_fraction=0.25`` on a batch of 8: the TSD term is the mean of the per-sample terms of 2 rows drawn by
+    the step's generator, their maps computed on those rows only (one call of 2 + 2 * 2 rows, BatchNorm in eval
+    mode); the CE term and BatchNorm's statistics come from one forward on the whole batch."""
+    import copy
+
+    from torch.utils.data import default_collate
+
+    batch = default_collate(data(n=8, length=16))
+    x, y = batch["x"], batch["y"]
+    options = {"saliency": "integrated_gradients", "saliency_options": {"steps": 2}, "tsd_weight": 1.0}
+    model = distiller(seed=3, tsd_fraction=0.25, **options)
+    before = copy.deepcopy(model.student)
+    sizes: list[int] = []
+    model.student.register_forward_hook(lambda module, args, out: sizes.append(args[0].shape[0]))
+    trainer = quiet(max_steps=1)
+    trainer.fit(model, DataLoader([batch], batch_size=None))
+    assert sizes == [2, 8, 6]  # the class count, the whole batch, the 2 rows with their 4 interpolants
+    rows = torch.randperm(8, generator=torch.Generator().manual_seed(torch.initial_seed()))[:2]  # step 0
+    teacher_logits, teacher_maps = temporal_saliency(model.teacher, x, method="integrated_gradients", steps=2)
+    logits = before(x)  # train mode: the step's forward, which moves the running statistics first
+    target = teacher_logits.argmax(1)[rows]
+    _, maps = temporal_saliency(before.eval(), x[rows], target, method="integrated_gradients", steps=2)
+    expected = saliency_alignment_loss(maps, teacher_maps[rows], "pearson")
+    torch.testing.assert_close(trainer.logged_metrics["train/tsd"], expected)
+    torch.testing.assert_close(
+        trainer.logged_metrics["train/ce"], torch.nn.functional.cross_entropy(logits, y)
+    )
+    plain = distiller(seed=3, **{**options, "tsd_weight": 0.0})
+    quiet(max_steps=1).fit(plain, DataLoader([batch], batch_size=None))
+    torch.testing.assert_close(model.student.norm.running_mean, plain.student.norm.running_mean)
+    torch.testing.assert_close(model.student.norm.running_var, plain.student.norm.running_var)
+
+
+def test_tsd_fraction_rows_are_uniform_and_follow_the_step_seed():
+    """Every row is drawn with probability ``tsd_fraction`` (so the mean over the rows is unbiased for the batch
+    mean), and the draw depends on the seed and step only, not on the global RNG's position (a resume is exact)."""
+    model = distiller(tsd_weight=1.0, tsd_fraction=0.25)
+    counts = torch.zeros(8)
+    for seed in range(4000):
+        rows = model._tsd_rows(8, torch.Generator().manual_seed(seed))
+        assert rows.shape == (2,) and rows.unique().numel() == 2
+        counts[rows] += 1
+    assert float((counts / 4000 - 0.25).abs().max()) < 0.03  # binomial standard error 0.007
+    first = model._tsd_rows(8, model._step_generator(torch.device("cpu")))
+    torch.rand(5)  # the global RNG moves; the step's draw does not
+    torch.testing.assert_close(model._tsd_rows(8, model._step_generator(torch.device("cpu"))), first)
+    assert model._tsd_rows(3, model._step_generator(torch.device("cpu"))) is not None  # ceil(0.75) = 1 row
+    assert distiller(tsd_weight=1.0)._step_generator(torch.device("cpu")) is None  # nothing to draw
+
+
+def test_tsd_every_n_scale_multiplies_the_weight_on_the_grid_by_n():
+    weights = []
+
+    class Probe(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            weights.append(module.current_tsd_weight())
+
+    for scale in (False, True):
+        model = distiller(tsd_weight=0.5, tsd_every_n_steps=3, tsd_every_n_scale=scale)
+        quiet(max_steps=6, callbacks=[Probe()]).fit(model, DataLoader(data(), batch_size=4))
+    assert weights == [0.5, 0.0, 0.0, 0.5, 0.0, 0.0] + [1.5, 0.0, 0.0, 1.5, 0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        (
+            {"tsd_fraction": 0.0},
+            r"tsd_fraction is the fraction of each batch the TSD term sees, in \(0, 1\], got 0.0",
+        ),
+        ({"tsd_fraction": 1.5}, r"tsd_fraction .* got 1.5"),
+        ({"tsd_fraction": "half"}, r"tsd_fraction .* got 'half'"),
+        ({"tsd_every_n_scale": "yes"}, r"tsd_every_n_scale must be True or False, got 'yes'"),
+        ({"teacher_cache_precompute": 1}, r"teacher_cache_precompute must be True or False, got 1"),
+    ],
+)
+def test_cheap_step_options_are_checked_in_the_constructor(options, match):
+    with pytest.raises(ValueError, match=match):
+        distiller(**options)
+
+
 # ----------------------------------------------------------------------------- saliency-guided recombination
 def test_recombination_term_is_kd_on_the_teachers_recombined_series():
     """``recombination_weight``: KD on series that keep the teacher's top half of steps and take the rest from a

@@ -37,6 +37,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # benchmarks/harness.py
 sys.path.insert(0, str(HERE))
 
+sys.path.insert(0, str(HERE.parent / "quality"))
+
+import common  # noqa: E402
 import harness  # noqa: E402
 import shortcut  # noqa: E402
 
@@ -44,7 +47,6 @@ RESULTS = HERE.parent / "results"
 CSV = RESULTS / "behaviour.csv"
 CACHE = HERE.parent / ".cache" / "teachers"
 DATASETS = ["ItalyPowerDemand", "GunPoint", "BasicMotions", "ArrowHead", "JapaneseVowels", "OSULeaf"]
-TEACHER_EPOCHS = 150
 STEPS = 600
 FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.5)
 
@@ -58,37 +60,8 @@ VARIANTS: dict[str, dict] = {
 KEY = ["dataset", "split", "kind", "student", "seed", "variant", "steps"]
 
 
-def load(name: str, split: str, seed: int):
-    """``(x_transfer_pool, y, x_eval, y_eval, K)``: the train split and the test split, or 3-fold CV fold 0
-    of repeat ``seed`` (train folds / held-out fold)."""
-    from lightning_tsd.data import UCRDataModule
-
-    kw = dict(batch_size=16, seed=seed)
-    dm = (
-        UCRDataModule(name, val_fraction=0.0, **kw)
-        if split == "test"
-        else UCRDataModule(name, cv_folds=3, fold=0, **kw)
-    )
-    dm.setup()
-    ev = dm.test_dataset if split == "test" else dm.val_dataset
-    if dm.train_dataset.mask is not None:
-        raise SystemExit(f"{name} has unequal lengths; the shortcut sets need equal-length series")
-    return dm.train_dataset.x, dm.train_dataset.y, ev.x, ev.y, dm.num_classes
-
-
 def teacher_for(name: str, split: str, seed: int, data) -> torch.nn.Module:
-    from lightning_tsd.checkpoint import load_teacher, save_teacher
-    from lightning_tsd.models import InceptionTime
-
-    path = CACHE / f"artefact_{name}_{split}_s{seed}.pt"
-    if path.exists():
-        return load_teacher(path).eval().requires_grad_(False)
-    x, y, _, _, k = data
-    torch.manual_seed(30_000 + seed)
-    teacher = shortcut.train_teacher(InceptionTime(x.shape[1], k), x, y, TEACHER_EPOCHS, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_teacher(teacher, path)
-    return teacher
+    return shortcut.cached_teacher(CACHE / f"artefact_{name}_{split}_s{seed}.pt", data, seed)
 
 
 def make_student(size: str, in_channels: int, k: int) -> torch.nn.Module:
@@ -109,7 +82,10 @@ def fit(teacher, s: shortcut.ShortcutSet, size: str, variant: str, seed: int, st
 
     torch.manual_seed(40_000 + seed)
     student = make_student(size, s.x_transfer.shape[1], s.num_classes)
-    model = TemporalSaliencyDistiller(teacher, student, teacher_cache=True, lr=3e-3, **VARIANTS[variant])
+    options = common.as_committed(
+        VARIANTS[variant]
+    )  # the teacher's maps at IG-8, as the committed rows had them
+    model = TemporalSaliencyDistiller(teacher, student, teacher_cache=True, lr=3e-3, **options)
     loader = torch.utils.data.DataLoader(
         TimeSeriesDataset(s.x_transfer, s.y_transfer),
         batch_size=16,
@@ -147,7 +123,7 @@ def cmd_run(args) -> None:
     done = harness.done_keys(CSV, KEY)
     for name in args.datasets:
         for seed in args.seeds:
-            data = load(name, args.split, seed)
+            data = shortcut.load(name, args.split, seed)
             teacher = teacher_for(name, args.split, seed, data)
             for kind in args.kinds:
                 s = shortcut.shortcut_set(teacher, *data[:4], kind, data[4])

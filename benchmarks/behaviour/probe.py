@@ -22,13 +22,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # benchmarks/harness.py
 sys.path.insert(0, str(HERE))
 
+sys.path.insert(0, str(HERE.parent / "quality"))
+
+import common  # noqa: E402
 import harness  # noqa: E402
 import shortcut  # noqa: E402
 
 RESULTS = HERE.parent / "results"
 CSV = RESULTS / "behaviour_probe.csv"
 CACHE = HERE.parent / ".cache" / "teachers"
-TEACHER_EPOCHS = 150
 
 # name -> distiller options (on top of the package's defaults; "kd" is tsd_weight=0)
 VARIANTS: dict[str, dict] = {
@@ -49,29 +51,11 @@ VARIANTS: dict[str, dict] = {
 
 
 def load(name: str):
-    from lightning_tsd.data import UCRDataModule
-
-    dm = UCRDataModule(name, val_fraction=0.0, batch_size=16)
-    dm.setup()
-    tr, te = dm.train_dataset, dm.test_dataset
-    return tr.x, tr.y, te.x, te.y, dm.num_classes
+    return shortcut.load(name)  # the train and test splits
 
 
 def teacher_for(name: str, seed: int, data) -> torch.nn.Module:
-    from lightning_tsd.checkpoint import load_teacher, save_teacher
-    from lightning_tsd.models import InceptionTime
-
-    path = CACHE / f"shortcut_{name}_s{seed}.pt"
-    if path.exists():
-        return load_teacher(path).eval().requires_grad_(False)
-    x_train, y_train, _, _, k = data
-    torch.manual_seed(30_000 + seed)
-    teacher = shortcut.train_teacher(
-        InceptionTime(x_train.shape[1], k), x_train, y_train, TEACHER_EPOCHS, seed
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_teacher(teacher, path)
-    return teacher
+    return shortcut.cached_teacher(CACHE / f"shortcut_{name}_s{seed}.pt", data, seed)
 
 
 def student_for(size: str, in_channels: int, k: int, activation: str) -> torch.nn.Module:
@@ -96,7 +80,9 @@ def run_one(name, seed, size, variant, kind, steps, activation, data, teacher) -
     s = shortcut.shortcut_set(teacher, x_train, y_train, x_test, y_test, kind, k)
     torch.manual_seed(40_000 + seed)
     student = student_for(size, x_train.shape[1], k, activation)
-    options = dict(VARIANTS[variant])
+    options = common.as_committed(
+        VARIANTS[variant]
+    )  # the teacher's maps at IG-8, as the committed rows had them
     model = TemporalSaliencyDistiller(teacher, student, teacher_cache=True, lr=3e-3, **options)
     loader = torch.utils.data.DataLoader(
         TimeSeriesDataset(s.x_transfer, s.y_transfer),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -134,3 +135,40 @@ def behaviour(student: torch.nn.Module, s: ShortcutSet) -> dict[str, float]:
         agreement=float((clean == s.teacher_test).float().mean()),
         follows=float((spiked == wrong).float().mean()),
     )
+
+
+TEACHER_EPOCHS = 150
+
+
+def load(name: str, split: str = "test", seed: int = 0):
+    """``(x_train, y_train, x_eval, y_eval, K)``: the train split and the test split (``split="test"``), or the
+    other folds and the held-out fold 0 of 3-fold CV of the train split, repeat ``seed`` (``split="cv"``)."""
+    from lightning_tsd.data import UCRDataModule
+
+    kw = dict(batch_size=16, seed=seed)
+    dm = (
+        UCRDataModule(name, val_fraction=0.0, **kw)
+        if split == "test"
+        else UCRDataModule(name, cv_folds=3, fold=0, **kw)
+    )
+    dm.setup()
+    ev = dm.test_dataset if split == "test" else dm.val_dataset
+    if dm.train_dataset.mask is not None:
+        raise SystemExit(f"{name} has unequal lengths; the shortcut sets need equal-length series")
+    return dm.train_dataset.x, dm.train_dataset.y, ev.x, ev.y, dm.num_classes
+
+
+def cached_teacher(path: Path, data, seed: int) -> torch.nn.Module:
+    """The teacher file at ``path``, or an InceptionTime trained on ``data``'s train series with random
+    artefacts (:func:`train_teacher`, ``TEACHER_EPOCHS``, seeded by ``seed``) and written there first."""
+    from lightning_tsd.checkpoint import load_teacher, save_teacher
+    from lightning_tsd.models import InceptionTime
+
+    if path.exists():
+        return load_teacher(path).eval().requires_grad_(False)
+    x, y, _, _, k = data
+    torch.manual_seed(30_000 + seed)
+    teacher = train_teacher(InceptionTime(x.shape[1], k), x, y, TEACHER_EPOCHS, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_teacher(teacher, path)
+    return teacher

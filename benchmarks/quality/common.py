@@ -180,10 +180,24 @@ def make_student(size: str, dm, teacher_params: int) -> torch.nn.Module:
 
 
 def distiller(teacher, student, options: dict):
-    """The ``TemporalSaliencyDistiller`` of one run (teacher cache on, Adam 3e-3)."""
+    """The ``TemporalSaliencyDistiller`` of one run (teacher cache on, Adam 3e-3), with the teacher's maps as
+    the committed studies computed them: the student's estimator options without sampling (not the cache's
+    32-step default of 2026-12-08), filled batch by batch (no fill before the fit)."""
     from lightning_tsd import TemporalSaliencyDistiller
 
-    return TemporalSaliencyDistiller(teacher, student, teacher_cache=True, lr=STUDENT_LR, **options)
+    return TemporalSaliencyDistiller(
+        teacher, student, teacher_cache=True, lr=STUDENT_LR, **as_committed(options)
+    )
+
+
+def as_committed(options: dict) -> dict:
+    """``options`` with the teacher-cache settings of the studies committed before 2026-12-08 made explicit."""
+    from lightning_tsd.teacher import teacher_options
+
+    pinned = dict(options)
+    pinned.setdefault("teacher_saliency_options", teacher_options(options.get("saliency_options")))
+    pinned.setdefault("teacher_cache_precompute", False)
+    return pinned
 
 
 def fit_student(model, dm, steps: int, seed: int, callbacks=()) -> dict:

@@ -203,6 +203,9 @@ def _fit_variant(args, variant: str, teacher, student) -> float:
     options = dict(VARIANTS[variant])
     guard = options.pop("guard", None)
     callbacks = [ReduceTSDWeightOnAgreementDrop(**guard)] if guard else []
+    from common import as_committed  # the teacher's maps as the committed rows had them
+
+    options = as_committed(options)
     distiller = TemporalSaliencyDistiller(teacher, student, teacher_cache=True, lr=args.student_lr, **options)
     t0 = time.perf_counter()
     harness.quiet_trainer(max_steps=args.student_steps, callbacks=callbacks, limit_val_batches=0).fit(

@@ -1,11 +1,13 @@
 """Cost of one training step: the package's TSD step vs its KD step and vs a hand-written floor (issue 10).
 
-Per cell (batch size B, length T) the script builds a frozen InceptionTime teacher (reduced by default:
-``--teacher-filters 16 --teacher-depth 3``, ~80k parameters), a NarrowFCN student (1.2k) and one batch,
-then times every variant of ``speed_variants`` (KD and TSD, package and hand-written, live teacher and
-cached; one TSD variant per estimator of ``--estimators``), interleaved round-robin, and measures the
-peak memory of one extra step of each. ``speed_report`` turns the rows into the targets (PASS/MISS), the
-cost and memory of every estimator vs T, and a plot.
+Per cell (teacher, batch size B, length T) the script builds a frozen InceptionTime teacher (``--teachers``:
+``small``, 16 filters and depth 3, ~80k parameters; ``default``, the package's 32 and 6, 420k), a NarrowFCN
+student (1.2k) and one batch, then times every variant of ``speed_variants`` (KD and TSD, package and
+hand-written, live teacher and cached; one TSD variant per estimator of ``--estimators``; the cache fill of
+one batch), interleaved round-robin, and measures the peak memory of one extra step of each.
+``speed_report`` turns the rows into the targets (PASS/MISS per cell), the cost and memory of every
+estimator vs T, the first epoch's cache fill, and two plots (``.png``; ``_estimators.png``: step cost vs T
+and B for IG-8, IG-2 antithetic, IG-1 uniform and the gradient).
 
 Results: ``benchmarks/results/speed{tag}.csv`` / ``.md`` / ``.png`` (``--out``, ``--tag``; CUDA runs get
 ``_cuda``). The CSV is appended one cell at a time: a rerun of the same command skips the variants already
@@ -14,7 +16,7 @@ where and when the last measuring invocation ran (``--report-only`` reuses it).
 
 Usage::
 
-    python benchmarks/speed/bench_speed.py                 # the full run: T 512 2048, B 16 64
+    python benchmarks/speed/bench_speed.py                 # the full run: T 512 2048, B 16 64, both teachers
     python benchmarks/speed/bench_speed.py --quick         # smoke run, < 2 min (speed_quick.*)
     python benchmarks/speed/bench_speed.py --device cuda   # speed_cuda.*, names the GPU
 """
@@ -42,7 +44,7 @@ from lightning_tsd.models import count_parameters  # noqa: E402
 RESULTS = HERE.parent / "results"
 KEY = ["device", "teacher_params", "batch_size", "T", "variant"]
 FIELDS = KEY + ["student_params", "wall_ms", "wall_min_ms", "cpu_ms", "cpu_min_ms", "repeats", "peak_mb"]
-QUICK = dict(lengths=[128, 256], batch_sizes=[8], warmup=1, repeats=3, budget=5.0)  # the full run's teacher
+QUICK = dict(lengths=[128, 256], batch_sizes=[8], warmup=1, repeats=3, budget=5.0, teachers=["small"])
 
 
 def parser() -> argparse.ArgumentParser:
@@ -66,9 +68,16 @@ def parser() -> argparse.ArgumentParser:
         "--budget", type=float, default=300.0, help="seconds of timed rounds per cell (at least 3 rounds)"
     )
     p.add_argument(
-        "--teacher-filters", type=int, default=16, help="InceptionTime num_filters (package default 32)"
+        "--teachers", nargs="+", default=list(speed_variants.TEACHERS), choices=list(speed_variants.TEACHERS),
+        help="InceptionTime teachers by name (small: 16 filters, depth 3; default: the package's 32 and 6)",
+    )  # fmt: skip
+    p.add_argument(
+        "--teacher-filters",
+        type=int,
+        default=None,
+        help="one custom teacher instead: InceptionTime num_filters",
     )
-    p.add_argument("--teacher-depth", type=int, default=3, help="InceptionTime depth (package default 6)")
+    p.add_argument("--teacher-depth", type=int, default=None, help="one custom teacher instead: its depth")
     p.add_argument("--only", nargs="+", default=None, help="keep variants whose name contains one of these")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
     p.add_argument(
@@ -118,15 +127,28 @@ def configure(args: argparse.Namespace) -> tuple[torch.device, Path, str]:
     return torch.device(args.device), csv_path, default
 
 
-def measure_cell(args, device: torch.device, B: int, T: int, csv_path: Path) -> dict:
+def teachers(args: argparse.Namespace) -> list[dict]:
+    """The InceptionTime arguments of each teacher to measure (``--teacher-filters/--teacher-depth``: one)."""
+    if args.teacher_filters is None and args.teacher_depth is None:
+        return [speed_variants.TEACHERS[name] for name in args.teachers]
+    default = speed_variants.TEACHERS["default"]
+    return [
+        {
+            "num_filters": args.teacher_filters or default["num_filters"],
+            "depth": args.teacher_depth or default["depth"],
+        }
+    ]
+
+
+def measure_cell(
+    args, device: torch.device, kwargs: dict, B: int, T: int, csv_path: Path, default: str
+) -> dict:
     """Time (and measure the memory of) every variant of one cell not yet in the CSV; append their rows."""
-    kwargs = {"num_filters": args.teacher_filters, "depth": args.teacher_depth}
     setup = speed_variants.build_setup(B, T, device, kwargs)
     tp, sp = count_parameters(setup.teacher), count_parameters(setup.student0)
     done = harness.done_keys(csv_path, KEY)
-    steps = speed_variants.make_variants(
-        setup, args.estimators, args.floors, occlusion=args.occlusion and T in args.occlusion_lengths
-    )
+    occlusion = args.occlusion and T in args.occlusion_lengths
+    steps = speed_variants.make_variants(setup, args.estimators, args.floors, occlusion, default=default)
     steps = {
         n: fn
         for n, fn in steps.items()
@@ -177,14 +199,18 @@ def write_report(args, env: dict, csv_path: Path, default: str, params: dict) ->
         "measure_label": "process CPU time" if cpu else "wall-clock with device synchronisation",
         "warmup": args.warmup,
         "repeats": args.repeats,
-        "teacher_kwargs": {"num_filters": args.teacher_filters, "depth": args.teacher_depth},
-        "teacher_params": params.get("teacher_params") or int(first["teacher_params"]),
+        "teacher_kwargs": teachers(args),
         "student_params": params.get("student_params") or int(first["student_params"]),
     }
     md, png = csv_path.with_suffix(".md"), csv_path.with_suffix(".png")
     md.write_text(speed_report.markdown(env, res, info))
     drawn = speed_report.plot(png, res, info["measure"], default, args.floors)
-    print(f"wrote {md}" + (f" and {png}" if drawn else " (no plot: matplotlib missing)"), flush=True)
+    per_estimator = csv_path.with_name(csv_path.stem + "_estimators.png")
+    drawn = speed_report.plot_estimators(per_estimator, res, info["measure"]) and drawn
+    print(
+        f"wrote {md}" + (f", {png}, {per_estimator}" if drawn else " (no plot: matplotlib missing)"),
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -194,9 +220,10 @@ def main() -> None:
     env = harness.environment(device)
     start, params = time.perf_counter(), {}
     if not args.report_only:
-        for B in args.batch_sizes:
-            for T in args.lengths:
-                params = measure_cell(args, device, B, T, csv_path) or params
+        for kwargs in teachers(args):
+            for B in args.batch_sizes:
+                for T in args.lengths:
+                    params = measure_cell(args, device, kwargs, B, T, csv_path, default) or params
     env_path = csv_path.with_suffix(".env.json")  # where and when the rows were measured
     if args.report_only and env_path.exists():
         env = json.loads(env_path.read_text())

@@ -1,5 +1,6 @@
-"""``speed.md`` and ``speed.png`` from the rows of ``speed.csv``: the targets with PASS/MISS, the cost and
-peak memory of every estimator vs T, and the raw measurements."""
+"""``speed.md``, ``speed.png`` and ``speed_estimators.png`` from the rows of ``speed.csv``: the targets with
+PASS/MISS per cell, the cost and peak memory of every estimator vs T, the first epoch's cache fill, and the
+raw measurements. A group is one teacher and one batch size; a cell is a group and a length T."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 from harness import Panel, line_plot, markdown_table
-from speed_variants import ESTIMATORS, TEACHER_OPTIONS, distiller_defaults
+from speed_variants import ESTIMATORS, PLOTTED, TEACHER_OPTIONS, distiller_defaults
 
-Res = dict[int, dict[int, dict[str, dict[str, float]]]]  # res[B][T][variant][measure]
+Res = dict[str, dict[int, dict[str, dict[str, float]]]]  # res[group][T][variant][measure]
 NUMERIC = {
     "wall_ms": "wall",
     "wall_min_ms": "wall_min",
@@ -21,18 +22,26 @@ NUMERIC = {
 }
 
 
+def group(teacher_params: int, batch_size: int) -> str:
+    """A group's name: ``"80k teacher, B=16"``."""
+    return f"{teacher_params / 1000:.0f}k teacher, B={batch_size}"
+
+
 def load(rows: list[dict[str, str]], device: str) -> Res:
-    """The CSV rows of one device as ``res[B][T][variant][measure]`` (sorted by B, then T)."""
-    res: Res = {}
+    """The CSV rows of one device as ``res[group][T][variant][measure]`` (by teacher size, B, then T)."""
+    order = sorted(
+        {(int(r["teacher_params"]), int(r["batch_size"])) for r in rows if r.get("device") == device}
+    )
+    res: Res = {group(*key): {} for key in order}
     for r in rows:
         if r.get("device") != device:
             continue
-        cell = res.setdefault(int(r["batch_size"]), {}).setdefault(int(r["T"]), {})
+        cell = res[group(int(r["teacher_params"]), int(r["batch_size"]))].setdefault(int(r["T"]), {})
         cell[r["variant"]] = {
             key: float(r[col]) for col, key in NUMERIC.items() if r.get(col) not in (None, "")
         }
         cell[r["variant"]]["n"] = float(r.get("repeats") or 0)
-    return {B: dict(sorted(by_T.items())) for B, by_T in sorted(res.items())}
+    return {g: dict(sorted(by_T.items())) for g, by_T in res.items()}
 
 
 def val(cell: dict, name: str, key: str) -> float | None:
@@ -149,12 +158,13 @@ def _meets(target: dict, values: list[float | None]) -> bool | None:
     return all(v >= target["limit"] if target["at_least"] else v <= target["limit"] for v in got)
 
 
-def target_table(res: Res, targets: list[dict], t: str) -> list[str]:
-    """One row per target: its value in every (B, T) cell (time: median, minimum in brackets), and the
-    verdict over every measured cell (time: from the medians / from the minima)."""
+def target_table(res: Res, targets: list[dict], t: str, per_cell: bool = False) -> list[str]:
+    """One row per target: its value in every cell (time: median, minimum in brackets; ``per_cell``: with the
+    cell's PASS/MISS from the median), and the verdict over every measured cell (time: from the medians /
+    from the minima)."""
     cells = [c for by_T in res.values() for c in by_T.values()]
     columns = (
-        ["target"] + [f"B={B} T={T}" for B, by_T in res.items() for T in by_T] + ["verdict (median / min)"]
+        ["target"] + [f"{g}, T={T}" for g, by_T in res.items() for T in by_T] + ["verdict (median / min)"]
     )
     body = []
     for tg in targets:
@@ -165,7 +175,11 @@ def target_table(res: Res, targets: list[dict], t: str) -> list[str]:
         if all(v is None for v in med):
             continue
         shown = [
-            None if m is None else f"{m:.2f}" + ("" if n is None else f" ({n:.2f})")
+            None
+            if m is None
+            else f"{m:.2f}"
+            + ("" if n is None else f" ({n:.2f})")
+            + (" " + verdict(_meets(tg, [m])) if per_cell else "")
             for m, n in zip(med, mins)
         ]
         ruling = verdict(_meets(tg, med)) + ("" if tg["memory"] else f" / {verdict(_meets(tg, mins))}")
@@ -182,7 +196,7 @@ def exponent_lines(res: Res, variants: list[str], t: str) -> list[str]:
             e = fit_exponent({T: p for T, p in pts.items() if p is not None})
             if e is not None:
                 body.append([v, B, f"{e:.3f}", verdict(e <= 1.1)])
-    return markdown_table(body, ["variant", "B", "fitted exponent", "<= 1.1"]) if body else []
+    return markdown_table(body, ["variant", "group", "fitted exponent", "<= 1.1"]) if body else []
 
 
 # ----------------------------------------------------------------------------- estimator tables
@@ -216,6 +230,25 @@ def memory_table(res: Res, B: int, default: str) -> list[str]:
     return markdown_table(body, ["step"] + [f"T={T}" for T in by_T], digits=2)
 
 
+def fill_table(res: Res, default: str, t: str) -> list[str]:
+    """The first epoch of a cached fit pays the cache fill once per batch: its cost (ms per batch, and in
+    package KD steps, live), and the first epoch's step (fill + cached TSD step) against the live KD step."""
+    fill, cached = f"fill_pkg:{default}", f"tsd_cached_pkg:{default}"
+    body = []
+    for g, by_T in res.items():
+        for T, c in by_T.items():
+            ms, first = val(c, fill, t), val(c, cached, t)
+            kd = val(c, "kd_live_pkg", t)
+            if ms is None or kd is None:
+                continue
+            epoch = None if first is None else (ms + first) / kd
+            body.append([g, T, f"{ms:.1f}", f"{ms / kd:.2f}", None if epoch is None else f"{epoch:.2f}",
+                         val(c, fill, "peak_mb")])  # fmt: skip
+    columns = ["group", "T", "fill ms per batch", "fill / live KD step", "first-epoch step / live KD step",
+               "fill peak MB"]  # fmt: skip
+    return markdown_table(body, columns, digits=2) if body else []
+
+
 def raw_table(res: Res, B: int, key: str, digits: int = 2) -> list[str]:
     by_T = res[B]
     names: list[str] = []
@@ -230,8 +263,8 @@ def plot(path: Path, res: Res, t: str, default: str, floors: list[str]) -> bool:
     """Per batch size: ms per step vs T (KD, the default TSD, floors) and peak MB vs T per estimator."""
     panels = []
     for B, by_T in res.items():
-        timing = Panel(f"B={B}: ms per step ({t})", "T", "ms")
-        memory = Panel(f"B={B}: peak MB per step, live teacher", "T", "MB")
+        timing = Panel(f"{B}: ms per step ({t})", "T", "ms")
+        memory = Panel(f"{B}: peak MB per step, live teacher", "T", "MB")
         names = ["kd_live_pkg", "kd_cached_pkg", f"tsd_live_pkg:{default}", f"tsd_cached_pkg:{default}"]
         names += [f"tsd_{m}_hand:{f}" for f in floors for m in ("live", "cached")]
         for n in names:
@@ -242,6 +275,27 @@ def plot(path: Path, res: Res, t: str, default: str, floors: list[str]) -> bool:
             ]
         panels += [timing, memory]
     return line_plot(path, panels, title="lightning-tsd step cost and peak memory vs T")
+
+
+def plot_estimators(path: Path, res: Res, t: str) -> bool:
+    """One panel per teacher and estimator of :data:`PLOTTED`: ms per package step vs T, a line per batch size
+    and teacher mode (live, cached), the package KD steps beside them."""
+    teachers = sorted({g.split(",")[0] for g in res}, key=lambda name: float(name.split("k")[0]))
+    panels = []
+    for teacher in teachers:
+        groups = {g.split("B=")[1]: by_T for g, by_T in res.items() if g.startswith(teacher + ",")}
+        for e in PLOTTED:
+            panel = Panel(f"{e}, {teacher}: ms per step ({t}) vs T and B", "T", "ms")
+            for B, by_T in groups.items():
+                for mode in ("live", "cached"):
+                    for name, label in (
+                        (f"tsd_{mode}_pkg:{e}", f"B={B} {mode}"),
+                        (f"kd_{mode}_pkg", f"B={B} KD {mode}"),
+                    ):
+                        panel.series[label] = [(T, val(c, name, t)) for T, c in by_T.items()]
+            if any(p[1] is not None for points in panel.series.values() for p in points):
+                panels.append(panel)
+    return bool(panels) and line_plot(path, panels, title="lightning-tsd step cost per estimator vs T and B")
 
 
 # ----------------------------------------------------------------------------- speed.md
@@ -258,12 +312,13 @@ def setup_lines(env: dict, info: dict) -> list[str]:
         "",
         f"* torch {env['torch']}, Lightning {env['lightning']}, Python {env['python']}, {env['device']};"
         f" {env['date']}, load average at start {env['load']}.",
-        f"* Teacher: InceptionTime {info['teacher_kwargs']}, {info['teacher_params']:,} parameters (frozen, eval"
-        f" mode). Student: NarrowFCN, {info['student_params']:,} parameters (train mode, BatchNorm).",
+        f"* Teachers: InceptionTime {info['teacher_kwargs']} (frozen, eval mode; groups name them by their"
+        f" parameter count). Student: NarrowFCN, {info['student_params']:,} parameters (train mode, BatchNorm).",
         f"* Package default estimator: `{info['default']}` = {method} {options}; every other distiller",
         f"  argument at its default ({other}), `base_loss='kd'`, Adam. The package's step is",
         "  `TemporalSaliencyDistiller.training_step` + backward + optimizer step, with `saliency_options`",
-        "  passed as a dict; `_cached` steps use `teacher_cache=True`, filled beforehand.",
+        "  passed as a dict; `_cached` steps use `teacher_cache=True`, filled beforehand (the fill, timed",
+        "  apart as `fill_pkg`, is what the first epoch pays once per batch).",
         f"* Estimators: {estimators}.",
         "  `ig8` runs all 8 x B teacher interpolants in one call; `ig8_chunked` uses the package's default",
         "  teacher chunking (at most max(B, 64) rows per teacher forward). The student side of every IG",
@@ -296,13 +351,28 @@ def markdown(env: dict, res: Res, info: dict) -> str:
             "",
         ]
     L += setup_lines(env, info)
+    targets = issue_targets(default, floors, t)
     L += [
-        "## Targets (issue 10)",
+        "## Targets (issue 27)",
         "",
-        "Every measured cell; a verdict is PASS when every cell meets the target.",
+        f"The default step (`{default}`) against the package's own KD step, live and cached, in time and peak",
+        "memory; each cell's value with its PASS/MISS, and a verdict that is PASS when every cell meets it.",
         "",
     ]
-    L += target_table(res, issue_targets(default, floors, t), t) + [""]
+    L += target_table(res, targets[:4], t, per_cell=True) + [""]
+    L += ["## The package at its floor (issue 10)", ""]
+    L += target_table(res, targets[4:], t) + [""]
+    fills = fill_table(res, default, t)
+    if fills:
+        L += [
+            "## First epoch: the cache fill (paid once)",
+            "",
+            "With `teacher_cache=True` the teacher's maps are computed in one pass before the first epoch",
+            "(`teacher_cache_precompute`, at the teacher options of the cell); every later step is the cached",
+            "step above. Per batch of the cell:",
+            "",
+        ]
+        L += fills + [""]
     L += ["## Earlier targets (kept for comparison)", ""]
     L += target_table(res, earlier_targets(default, floors), t) + [""]
     exp = exponent_lines(res, [f"tsd_live_pkg:{default}", f"tsd_cached_pkg:{default}"], t)
@@ -310,7 +380,7 @@ def markdown(env: dict, res: Res, info: dict) -> str:
         L += ["Cost vs T, least-squares exponent on log-log (this run):", ""] + exp + [""]
     for B in res:
         L += [
-            f"## Batch size {B}",
+            f"## {B}",
             "",
             f"### Estimators: package step, ms ({t}) and multiple of the package KD step",
             "",

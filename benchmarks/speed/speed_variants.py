@@ -11,6 +11,9 @@ Variant names are ``kind`` or ``kind:estimator``:
 * ``tsd_live_hand:E`` / ``tsd_cached_hand:E``: the hand-written floor of the same step.
 * ``tsd_live_loss:default``: the package's ``TemporalSaliencyLoss`` in a hand-written loop.
 * ``occlusion_loop``: the naive cached-step baseline (one student forward per timestep).
+* ``fill_pkg:E``: ``precompute_teacher_cache`` of one batch with estimator ``E``'s defaults: what the first
+  epoch of a cached fit pays per batch, once (with ``teacher_cache=True`` the teacher's integrated gradients
+  take 32 midpoint steps).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from lightning_tsd import TemporalSaliencyDistiller, TemporalSaliencyLoss
 from lightning_tsd.losses import kd_loss
 from lightning_tsd.models import InceptionTime, NarrowFCN
 from lightning_tsd.saliency import ESTIMATORS as PACKAGE_ESTIMATORS
+from lightning_tsd.saliency import RANDOM_SAMPLINGS
 
 TAU = 4.0
 Step = Callable[[], None]
@@ -42,12 +46,21 @@ ESTIMATORS: dict[str, tuple[str, dict]] = {
     "ig1_mid": ("integrated_gradients", {"steps": 1}),
     "ig1_uniform": ("integrated_gradients", {"steps": 1, "sampling": "uniform"}),
     "ig2_uniform": ("integrated_gradients", {"steps": 2, "sampling": "uniform"}),
+    "ig2_antithetic": ("integrated_gradients", {"steps": 2, "sampling": "antithetic"}),
+    "ig2_stratified": ("integrated_gradients", {"steps": 2, "sampling": "stratified"}),
     "occlusion": ("occlusion", {"window": "T/10", "stride": "T/20"}),
     # The student's 1-sample IG with the teacher's maps at IG-8 (selection.md, amendment 5: ig1s_*).
     "ig1_uniform_t8": ("integrated_gradients", {"steps": 1, "sampling": "uniform"}),
 }
 # Estimators whose teacher maps take other options than the student's (``teacher_saliency_options``).
 TEACHER_OPTIONS: dict[str, dict] = {"ig1_uniform_t8": {"steps": 8}}
+# The estimators of the cost-vs-(T, B) plot: IG-8, IG-2 antithetic, IG-1 uniform, the gradient.
+PLOTTED = ("ig8_chunked", "ig2_antithetic", "ig1_uniform", "gradient")
+# Teachers by name (InceptionTime arguments): the package's default (420k parameters) and a small one (80k).
+TEACHERS: dict[str, dict] = {
+    "small": {"num_filters": 16, "depth": 3},
+    "default": {"num_filters": 32, "depth": 6},
+}
 
 
 def distiller_defaults() -> dict:
@@ -82,7 +95,7 @@ def default_label() -> str:
 
 
 def resolve_options(options: dict, B: int, T: int, device: torch.device, seed: int = 0) -> dict:
-    """Options of one cell: the symbolic sizes made numbers, a seeded generator for uniform sampling."""
+    """Options of one cell: the symbolic sizes made numbers, a seeded generator for random sampling."""
     out = {}
     for k, v in options.items():
         if v == "all":
@@ -90,7 +103,7 @@ def resolve_options(options: dict, B: int, T: int, device: torch.device, seed: i
         elif isinstance(v, str) and v.startswith("T/"):
             v = max(1, T // int(v[2:]))
         out[k] = v
-    if out.get("sampling") == "uniform":
+    if out.get("sampling") in RANDOM_SAMPLINGS:
         out["generator"] = torch.Generator(device=device).manual_seed(seed)
     return out
 
@@ -208,6 +221,19 @@ def pkg(s: Setup, cache: bool, **kwargs) -> Step:
     return step
 
 
+def fill(s: Setup, **kwargs) -> Step:
+    """The cache fill of one batch (``precompute_teacher_cache``), from an emptied cache every time."""
+    d = TemporalSaliencyDistiller(s.teacher, s.student(), base_loss="kd", teacher_cache=True, **kwargs)
+    d = d.to(s.device).train()
+    batch, empty = s.batch, {"index": torch.zeros(0, dtype=torch.long)}
+
+    def step() -> None:
+        d.teacher_cache.load_state_dict(empty)
+        d.precompute_teacher_cache([batch])
+
+    return step
+
+
 def tsd_hand(s: Setup, cached: bool, method: str, options: dict) -> Step:
     """Hand-written TSD: CE + KD + w * alignment(student map, teacher map), the package's defaults (its
     ``tsd_gradient`` included)."""
@@ -257,9 +283,10 @@ def occlusion_loop(s: Setup) -> Step:
 
 
 def make_variants(
-    s: Setup, estimators: list[str], floors: list[str], occlusion: bool = False
+    s: Setup, estimators: list[str], floors: list[str], occlusion: bool = False, default: str | None = None
 ) -> dict[str, Step]:
-    """Every step of one cell: KD (hand, package), TSD per estimator (package; hand for ``floors``)."""
+    """Every step of one cell: KD (hand, package), TSD per estimator (package; hand for ``floors``), and the
+    cache fill of one batch for the ``default`` estimator."""
     B, T = s.x.shape[0], s.x.shape[-1]
     steps: dict[str, Step] = {
         "kd_live_hand": kd_hand(s, cached=False),
@@ -279,6 +306,8 @@ def make_variants(
             steps[f"tsd_live_hand:{label}"] = tsd_hand(s, False, method, opts)
             steps[f"tsd_cached_hand:{label}"] = tsd_hand(s, True, method, opts)
             steps[f"tsd_live_loss:{label}"] = tsd_loss(s, method, opts)
+        if label == default:
+            steps[f"fill_pkg:{label}"] = fill(s, **tsd)
     if occlusion:
         steps["occlusion_loop"] = occlusion_loop(s)
     return steps
