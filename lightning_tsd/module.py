@@ -411,8 +411,7 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
         maps = teacher.saliency
         if maps.ndim == 3:  # saliency_target="distribution": the map of the teacher's class
             maps = maps[torch.arange(maps.shape[0], device=maps.device), classes]
-        seed = (torch.initial_seed() + self.global_step) % 2**63
-        generator = torch.Generator(device=b.x.device).manual_seed(seed)
+        generator = self._seeded_generator(b.x.device)
         x = recombine(b.x, maps, classes, self.hparams.recombination_keep, mask=b.mask, generator=generator)
         with torch.no_grad():
             teacher_logits = call_model(self.teacher, x, b.mask)
@@ -454,6 +453,10 @@ class TemporalSaliencyDistiller(ResumableState, EvaluationHooks, pl.LightningMod
         generator seeded by the global seed and step (resumes bit-exact); None when it draws nothing."""
         if not (self._draws_interpolants or self.hparams.tsd_fraction < 1):
             return None
+        return self._seeded_generator(device)
+
+    def _seeded_generator(self, device: torch.device) -> torch.Generator:
+        """A generator seeded by the global seed and this step: what a step draws is the same after a resume."""
         return torch.Generator(device=device).manual_seed((torch.initial_seed() + self.global_step) % 2**63)
 
     def _tsd_rows(self, batch_size: int, generator: torch.Generator | None) -> Tensor | None:
